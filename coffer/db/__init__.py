@@ -1,0 +1,1 @@
+"""Control DB access: engine creation, sessions and migrations."""
