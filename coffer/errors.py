@@ -124,7 +124,7 @@ class RootHistoryNotFound(NotFound):
     pass
 
 
-# --- errors on the bus ---------------------------------------------------------------------------
+# --- errors on the bus -------------------------------------------------------------------------
 
 
 class BusError(CofferError):
@@ -157,7 +157,7 @@ class RemoteError(CofferError):
         self.status = status
 
 
-# --- errors from the compute layer ----------------------------------------------------------------
+# --- errors from the compute layer -------------------------------------------------------------
 
 
 class ComputeError(CofferError):

@@ -7,11 +7,11 @@ shows are derived from these in ``trove_status`` / ``trove_operating_status``, n
 
 from __future__ import annotations
 
-from enum import Enum, unique
+from enum import StrEnum, unique
 
 
 @unique
-class Task(str, Enum):
+class Task(StrEnum):
     """What the control plane is doing to an instance (desired-state side)."""
 
     NONE = "none"
@@ -36,7 +36,7 @@ class Task(str, Enum):
 
 
 @unique
-class ServerStatus(str, Enum):
+class ServerStatus(StrEnum):
     """What the compute driver last saw of the instance's server (process tree)."""
 
     BUILD = "build"
@@ -47,8 +47,8 @@ class ServerStatus(str, Enum):
 
 
 @unique
-class ServiceStatus(str, Enum):
-    """What the guest agent reports of the engine (observed side; written only by the conductor)."""
+class ServiceStatus(StrEnum):
+    """What the guest agent reports of the engine (observed; written only by the conductor)."""
 
     NEW = "new"
     BUILDING = "building"

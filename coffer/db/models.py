@@ -58,7 +58,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-# --- identity (embedded Keystone subset) ---------------------------------------------------------
+# --- identity (embedded Keystone subset) -------------------------------------------------------
 
 
 class Project(Base):
@@ -106,7 +106,7 @@ class RoleAssignment(Base):
     )
 
 
-# --- catalogue: datastores, versions, flavors ----------------------------------------------------
+# --- catalogue: datastores, versions, flavors --------------------------------------------------
 
 
 class Datastore(Base):
@@ -149,7 +149,7 @@ class Flavor(Base):
     ephemeral: Mapped[int] = mapped_column(Integer, default=0)
 
 
-# --- instances ------------------------------------------------------------------------------------
+# --- instances ---------------------------------------------------------------------------------
 
 
 class Instance(Base):
@@ -201,7 +201,7 @@ class ServiceStatusRow(Base):
 
 
 class ConductorLastSeen(Base):
-    """Highest sequence number accepted from each instance: replays and stale reports are dropped."""
+    """Highest sequence number accepted per instance and method; replays and stale reports drop."""
 
     __tablename__ = "conductor_lastseen"
 

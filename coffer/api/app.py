@@ -1,0 +1,76 @@
+"""The Coffer API application: Trove v1.0, the embedded identity subset, and the OpenAPI document.
+
+``create_app(services)`` is all a process needs to serve the API (``uvicorn`` runs the result).
+Layout of the URL space:
+
+* ``/``: Trove versions document; ``/v1.0/``: the single version.
+* ``/identity/...``: the Keystone v3 subset (``coffer.api.routes.identity``).
+* ``/v1.0/{tenant_id}/...``: the Trove API (catalogue and instance routers).
+* ``/openapi.json``: the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from coffer.api.context import Services, public_base_url
+from coffer.api.errors import install_error_handlers
+
+# ``instances`` holds the instance, database, user and root routes. It is a plain import, not a
+# discovery, so a broken module fails loudly at start instead of silently losing routes.
+from coffer.api.routes import catalog, identity, instances
+
+__all__ = ["Services", "create_app"]
+
+#: Trove's only API version and the date Trove has always advertised for it.
+API_VERSION = "v1.0"
+_VERSION_UPDATED = "2012-08-01T00:00:00Z"
+
+
+def _version_doc(request: Request) -> dict[str, Any]:
+    return {
+        "id": API_VERSION,
+        "status": "CURRENT",
+        "updated": _VERSION_UPDATED,
+        "links": [{"rel": "self", "href": f"{public_base_url(request)}/{API_VERSION}/"}],
+    }
+
+
+def _package_version() -> str:
+    # The installed distribution's version; ``coffer.__version__`` is not reliably reachable when
+    # the package is installed in editable mode and imported from outside the source tree.
+    try:
+        return metadata.version("coffer")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(services: Services) -> FastAPI:
+    """Build the API application around ``services`` (kept on ``app.state.services``)."""
+    app = FastAPI(
+        title="Coffer",
+        version=_package_version(),
+        summary="Database-as-a-Service speaking the OpenStack Trove v1.0 API",
+        # The interactive docs pages load scripts from a CDN; the JSON document is enough.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+
+    @app.get("/", summary="Trove API versions")
+    def versions(request: Request) -> dict[str, Any]:
+        return {"versions": [_version_doc(request)]}
+
+    @app.get("/v1.0", include_in_schema=False)
+    @app.get("/v1.0/", summary="The v1.0 version document")
+    def version(request: Request) -> dict[str, Any]:
+        return {"version": _version_doc(request)}
+
+    app.include_router(identity.router)
+    app.include_router(catalog.router)
+    app.include_router(instances.router)
+    return app

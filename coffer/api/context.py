@@ -1,0 +1,136 @@
+"""Who is asking, for which project: the per-request context and the dependencies that build it.
+
+Every route under ``/v1.0/{tenant_id}/...`` takes a ``Context`` (or ``AdminContext``) parameter:
+
+    @router.get("/v1.0/{tenant_id}/things")
+    def list_things(ctx: Context, services: ServicesDep) -> dict[str, Any]: ...
+
+``get_context`` checks the ``X-Auth-Token`` header, that the path's project is the token's (admins
+may name any project), and that read-only tokens only read. ``require_admin`` adds the admin check
+for mgmt routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from coffer.api.errors import request_id_of
+from coffer.config import Settings
+from coffer.errors import Forbidden, Unauthorized
+from coffer.identity import AuthContext, IdentityService
+
+AUTH_HEADER = "X-Auth-Token"
+#: Methods a read-only (``reader``) token may use.
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; stored on ``app.state.services``.
+
+    ``rpc`` is opaque here: the process that builds the app puts its bus clients there.
+    """
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    identity: IdentityService
+    rpc: Any = None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The caller (``auth``), the project named in the URL (``project_id``; differs from
+    ``auth.project_id`` only for admins), this request's id and the public base URL used to build
+    links (``http://host:port``, no trailing slash)."""
+
+    auth: AuthContext
+    project_id: str
+    request_id: str
+    base_url: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.auth.is_admin
+
+    @property
+    def project_url(self) -> str:
+        """``<base>/v1.0/<project_id>``: the prefix of this project's resource links."""
+        return f"{self.base_url}/v1.0/{self.project_id}"
+
+
+def get_services(request: Request) -> Services:
+    """The ``Services`` the app was created with."""
+    services: Services = request.app.state.services
+    return services
+
+
+def public_base_url(request: Request) -> str:
+    """The base URL for links: ``public_endpoint`` if configured, else the URL the client used."""
+    configured = get_services(request).settings.default.public_endpoint
+    if configured:
+        return configured.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+def authenticate_request(request: Request) -> AuthContext:
+    """Validate the request's ``X-Auth-Token``; ``Unauthorized`` when missing or invalid."""
+    token = request.headers.get(AUTH_HEADER)
+    if not token:
+        raise Unauthorized(
+            f"This request needs an {AUTH_HEADER} header; get a token with "
+            "POST /identity/v3/auth/tokens."
+        )
+    return get_services(request).identity.validate(token)
+
+
+def get_context(request: Request, tenant_id: str) -> RequestContext:
+    """FastAPI dependency for every ``/v1.0/{tenant_id}/...`` route.
+
+    Raises ``Unauthorized`` (401) for a missing, invalid or expired token; ``Forbidden`` (403)
+    when the path's project is not the token's and the caller is not an admin, and when a
+    read-only (``reader``) token tries anything but GET/HEAD.
+    """
+    auth = authenticate_request(request)
+    if tenant_id != auth.project_id and not auth.is_admin:
+        raise Forbidden(
+            f"This token is for project {auth.project_id}; use a URL with that project id "
+            f"(/v1.0/{auth.project_id}/...)."
+        )
+    if auth.is_read_only and request.method not in READ_METHODS:
+        raise Forbidden(
+            f"User {auth.user_name!r} has only the reader role on project "
+            f"{auth.project_name!r}, which allows GET requests only; ask for the member role "
+            "to make changes."
+        )
+    return RequestContext(
+        auth=auth,
+        project_id=tenant_id,
+        request_id=request_id_of(request),
+        base_url=public_base_url(request),
+    )
+
+
+Context = Annotated[RequestContext, Depends(get_context)]
+
+
+def require_admin(ctx: Context) -> RequestContext:
+    """Dependency (or plain check) for mgmt routes: ``Forbidden`` (403) unless ``admin``.
+
+    Trove answers 401 here (its ``admin_context`` raises an exception mapped to 401). Coffer
+    answers 403 because the caller *is* authenticated; 401 would tell clients to get a new token,
+    which cannot help.
+    """
+    if not ctx.is_admin:
+        raise Forbidden(
+            f"Only administrators may use this request; user {ctx.auth.user_name!r} does not "
+            "have the admin role."
+        )
+    return ctx
+
+
+AdminContext = Annotated[RequestContext, Depends(require_admin)]
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,207 @@
+"""``coffer manage``: operator tasks (the ``trove-manage`` of Coffer).
+
+Passwords are never taken on the command line (they would show in ``ps``): they are read from
+standard input or generated and printed once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from typing import Any
+
+import click
+
+from coffer.config import Settings, load_settings
+from coffer.errors import CofferError, ConfigError
+
+
+def _settings(config: str | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _control_plane(config: str | None, migrate_db: bool = True) -> Any:
+    from coffer.controlplane import ControlPlane
+
+    return ControlPlane(_settings(config), migrate_db=migrate_db)
+
+
+config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False), default=None, envvar="COFFER_CONFIG"
+)
+
+
+@click.group()
+def manage() -> None:
+    """Operator tasks: schema, datastores, flavors, projects and users."""
+
+
+@manage.group()
+def db() -> None:
+    """The control DB."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config: str | None) -> None:
+    """Apply schema migrations up to the newest revision."""
+    from coffer.db import migrate
+
+    cp = _control_plane(config, migrate_db=False)
+    try:
+        migrate.upgrade(cp.engine)
+        click.echo(f"control DB at revision {migrate.current_revision(cp.engine)}")
+    finally:
+        cp.close()
+
+
+@manage.command("datastore-version-create")
+@config_option
+@click.argument("datastore")
+@click.argument("name")
+@click.argument("manager")
+@click.option("--version", "version_number", default=None, help="Engine version number.")
+@click.option("--default", "make_default", is_flag=True, help="Make it the datastore's default.")
+@click.option("--inactive", is_flag=True, help="Register it but do not offer it to users.")
+def datastore_version_create(
+    config: str | None,
+    datastore: str,
+    name: str,
+    manager: str,
+    version_number: str | None,
+    make_default: bool,
+    inactive: bool,
+) -> None:
+    """Register (or update) a datastore version; the datastore is created if missing."""
+    from coffer.catalog import register_datastore_version
+    from coffer.db.session import transaction
+
+    cp = _control_plane(config)
+    try:
+        with transaction(cp.session_factory) as session:
+            version = register_datastore_version(
+                session,
+                datastore=datastore,
+                name=name,
+                manager=manager,
+                version=version_number,
+                active=not inactive,
+                default=make_default,
+            )
+            click.echo(f"datastore version {datastore} {name} registered (id {version.id})")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("register-engines")
+@config_option
+def register_engines(config: str | None) -> None:
+    """Register every engine this host can run, with its real version number."""
+    from coffer.cli.bootstrap import register_host_engines
+
+    cp = _control_plane(config)
+    try:
+        for manager, version in register_host_engines(cp):
+            click.echo(f"{manager} {version}")
+    finally:
+        cp.close()
+
+
+@manage.command("flavor-create")
+@config_option
+@click.argument("flavor_id")
+@click.argument("name")
+@click.option("--ram", type=click.IntRange(64, None), required=True, help="RAM in MB.")
+@click.option("--vcpus", type=click.IntRange(1, None), required=True)
+@click.option("--disk", type=click.IntRange(0, None), default=0, help="Disk in GB.")
+def flavor_create(
+    config: str | None, flavor_id: str, name: str, ram: int, vcpus: int, disk: int
+) -> None:
+    """Create (or update) a flavor."""
+    from coffer.catalog import create_flavor
+    from coffer.db.session import transaction
+
+    cp = _control_plane(config)
+    try:
+        with transaction(cp.session_factory) as session:
+            create_flavor(session, flavor_id, name, ram, vcpus, disk)
+        click.echo(f"flavor {flavor_id} ({name}) ready")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("project-create")
+@config_option
+@click.argument("name")
+def project_create(config: str | None, name: str) -> None:
+    """Create a project (idempotent) and print its id."""
+    from coffer.cli.bootstrap import identity_service
+
+    cp = _control_plane(config)
+    try:
+        identity = identity_service(cp)
+        identity.ensure_roles()
+        project = identity.create_project(name)
+        click.echo(project.id)
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("user-create")
+@config_option
+@click.argument("name")
+@click.option("--project", required=True, help="Project the user gets a role on.")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["admin", "member", "reader"]),
+    default=["member"],
+    show_default=True,
+)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input; otherwise one is generated and printed.",
+)
+def user_create(
+    config: str | None, name: str, project: str, roles: tuple[str, ...], password_stdin: bool
+) -> None:
+    """Create or update a user with roles on a project."""
+    from coffer.cli.bootstrap import identity_service
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise click.ClickException("no password on standard input")
+    else:
+        password = secrets.token_urlsafe(18)
+    cp = _control_plane(config)
+    try:
+        identity = identity_service(cp)
+        identity.ensure_roles()
+        identity.create_user(name, password, project, list(roles))
+        click.echo(f"user {name} has roles {', '.join(roles)} on project {project}")
+        if not password_stdin:
+            click.echo(f"password: {password}")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("config-reference")
+def config_reference() -> None:
+    """Print every configuration option as Markdown (docs/configuration.md)."""
+    from coffer.config import options_markdown
+
+    click.echo(options_markdown(), nl=False)

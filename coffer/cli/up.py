@@ -1,0 +1,129 @@
+"""``coffer up``: api + taskmanager + conductor in one process, on embedded defaults."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import uvicorn
+
+from coffer.api.app import Services, create_app
+from coffer.cli.bootstrap import bootstrap, identity_service, write_clouds_yaml
+from coffer.compute.base import get_driver
+from coffer.conductor.service import Conductor
+from coffer.config import Settings
+from coffer.controlplane import ControlPlane
+from coffer.taskmanager.service import TaskManager
+
+LOG = logging.getLogger("coffer.up")
+
+
+def start_control_plane(settings: Settings, *, bootstrap_first: bool) -> ControlPlane:
+    cp = ControlPlane(settings)
+    cp.start_bus()
+    if bootstrap_first:
+        bootstrap(cp)
+    return cp
+
+
+def make_server(cp: ControlPlane) -> uvicorn.Server:
+    services = Services(
+        settings=cp.settings,
+        session_factory=cp.session_factory,
+        identity=identity_service(cp),
+        rpc=cp,
+    )
+    app = create_app(services)
+    config = uvicorn.Config(
+        app,
+        host=cp.settings.default.bind_host,
+        port=cp.settings.default.bind_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+    return uvicorn.Server(config)
+
+
+def serve_api(cp: ControlPlane) -> None:
+    make_server(cp).run()
+
+
+def _banner(cp: ControlPlane, creds: dict[str, str], clouds: list[Any]) -> str:
+    base = cp.settings.api_base_url
+    ident = cp.settings.identity
+    lines = [
+        "",
+        "Coffer is up.",
+        f"  Database API (Trove v1.0): {base}/v1.0/<project id>",
+        f"  Identity (Keystone v3):    {base}/identity/v3",
+        f"  State directory:           {cp.settings.state_dir}",
+        "",
+        "Credentials (also in clouds.yaml):",
+        f"  admin:  user {ident.admin_user!r}, project {ident.admin_project!r}, "
+        f"password {creds['admin_password']}",
+        f"  demo:   user {ident.demo_user!r}, project {ident.demo_project!r}, "
+        f"password {creds['demo_password']}",
+        "",
+        "clouds.yaml written to: " + ", ".join(str(p) for p in clouds),
+        "Try:",
+        "  openstack --os-cloud coffer datastore list",
+        "  openstack --os-cloud coffer database instance list",
+        "",
+        "Press Ctrl-C to stop Coffer; database instances keep running and are found again "
+        "on the next 'coffer up'.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_up(settings: Settings) -> None:
+    cp = start_control_plane(settings, bootstrap_first=False)
+    creds = bootstrap(cp)
+    clouds = write_clouds_yaml(cp, creds)
+    compute = get_driver(settings.compute.driver, settings)
+    taskmanager = TaskManager(cp, compute)
+    conductor = Conductor(cp)
+    conductor.start()
+    taskmanager.start()
+    server = make_server(cp)
+    stopping = threading.Event()
+
+    def _stop(*_: Any) -> None:
+        stopping.set()
+        server.should_exit = True
+
+    # uvicorn installs no signal handlers when it runs outside the main thread; ours stop every
+    # service, not just the API.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        thread.join(timeout=0.05)
+    if not server.started:
+        conductor.stop()
+        taskmanager.stop()
+        cp.close()
+        raise SystemExit(
+            f"The API could not listen on {settings.default.bind_host}:"
+            f"{settings.default.bind_port}; is another Coffer running? Use --port to choose "
+            "another port."
+        )
+    print(_banner(cp, creds, clouds), flush=True)
+    try:
+        while not stopping.wait(timeout=0.5):
+            if not thread.is_alive():
+                break
+    finally:
+        LOG.info("stopping Coffer")
+        server.should_exit = True
+        thread.join(timeout=10)
+        taskmanager.stop()
+        conductor.stop()
+        if cp.broker is not None:
+            cp.broker.stop()
+        cp.close()
+        print("Coffer stopped; database instances keep running.", flush=True)

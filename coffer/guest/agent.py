@@ -1,0 +1,246 @@
+"""``coffer guestagent``: one per instance, beside its database server.
+
+The agent is a level-triggered loop plus RPC endpoints. Each cycle it observes the engine, takes
+at most one action (start an engine that should run but does not), logs one sentence when it acts,
+and reports what it saw to the conductor. An unexpected exception never ends the loop. RPC
+requests (sealed with this instance's key) arrive on ``guestagent.<instance id>``.
+
+Local state lives in the instance's volume: ``guest.json`` (written by the compute driver, holds
+the key), ``state/prepared`` once prepare has succeeded, and ``state/desired`` (``running`` or
+``stopped``) so a restarted agent knows whether the engine should run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from coffer.bus.envelope import StaticKeyRing
+from coffer.bus.rpc import RpcClient, RpcServer
+from coffer.controlplane import CONDUCTOR_TOPIC, guest_topic
+from coffer.datastores.registry import DEFAULT_PORTS, plugin_class
+from coffer.errors import CofferError
+from coffer.guest.datastores.base import Datastore, EngineSpec
+from coffer.guest.layout import InstanceLayout
+from coffer.status import ServiceStatus
+
+LOG = logging.getLogger("coffer.guestagent")
+
+_DELEGATED = (
+    "create_databases",
+    "list_databases",
+    "delete_database",
+    "create_users",
+    "list_users",
+    "get_user",
+    "update_user",
+    "change_passwords",
+    "delete_user",
+    "grant_access",
+    "list_access",
+    "revoke_access",
+    "enable_root",
+    "disable_root",
+    "is_root_enabled",
+    "volume_stats",
+)
+
+
+class GuestAgent:
+    """The agent of one instance. Build with a ``guest.json`` path, then ``run()``."""
+
+    rpc_methods = frozenset(
+        {"prepare", "ping", "get_status", "stop_db", "start_db", "restart", *_DELEGATED}
+    )
+
+    def __init__(self, config_path: Path) -> None:
+        config = json.loads(config_path.read_text())
+        self.instance_id: str = config["instance_id"]
+        self.manager: str = config["manager"]
+        self._key = base64.b64decode(config["key"])
+        self.url: str = config["transport_url"]
+        self.interval = float(config.get("heartbeat_interval", 10.0))
+        self.layout = InstanceLayout(config_path.parent)
+        addresses = config["addresses"]
+        binds = [a for a in (addresses.get("private"), addresses.get("public")) if a]
+        flavor = config["flavor"]
+        self.spec = EngineSpec(
+            layout=self.layout,
+            bind_addresses=binds,
+            port=DEFAULT_PORTS[self.manager],
+            memory_mb=int(flavor["ram"]),
+            vcpus=int(flavor["vcpus"]),
+            volume_size_gb=int(config["volume_size_gb"]),
+        )
+        self.datastore: Datastore = plugin_class(self.manager)(self.spec)
+        self._state_dir = self.layout.root / "state"
+        self._state_dir.mkdir(exist_ok=True)
+        self._stop = threading.Event()
+        self._poke = threading.Event()
+        self._action_lock = threading.Lock()
+        self._conductor = RpcClient(
+            self.url, CONDUCTOR_TOPIC, self.instance_id, self._key, sender=self.instance_id
+        )
+        self._server = RpcServer(
+            self.url,
+            guest_topic(self.instance_id),
+            self,
+            StaticKeyRing({self.instance_id: self._key}),
+            workers=2,
+        )
+        self._last_report_error = 0.0
+
+    # -- local state -----------------------------------------------------------------------------
+
+    @property
+    def prepared(self) -> bool:
+        return (self._state_dir / "prepared").exists()
+
+    def _desired(self) -> str:
+        path = self._state_dir / "desired"
+        return path.read_text().strip() if path.exists() else "running"
+
+    def _set_desired(self, value: str) -> None:
+        tmp = self._state_dir / "desired.tmp"
+        tmp.write_text(value)
+        tmp.replace(self._state_dir / "desired")
+
+    # -- RPC endpoints -----------------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return "pong"
+
+    def prepare(self, databases: list[dict[str, Any]], users: list[dict[str, Any]]) -> str:
+        """Initialise, configure and start the engine, then create databases and users.
+
+        Idempotent: a repeated prepare (the taskmanager retrying after a crash) only makes sure
+        the engine runs.
+        """
+        with self._action_lock:
+            if not self.prepared:
+                LOG.info("preparing %s engine", self.manager)
+                try:
+                    self.datastore.prepare(databases, users)
+                except Exception as exc:
+                    self._report(ServiceStatus.FAILED, message=str(exc))
+                    raise
+                (self._state_dir / "prepared").touch()
+                self._set_desired("running")
+            elif not self.datastore.is_running():
+                self.datastore.start()
+            status = self.datastore.status()
+        self._report(status)
+        return status.value
+
+    def get_status(self) -> str:
+        return self.datastore.status().value
+
+    def stop_db(self) -> None:
+        with self._action_lock:
+            self._set_desired("stopped")
+            self.datastore.stop()
+        self._report(self.datastore.status())
+
+    def start_db(self) -> None:
+        with self._action_lock:
+            self._set_desired("running")
+            self.datastore.start()
+        self._report(self.datastore.status())
+
+    def restart(self) -> None:
+        with self._action_lock:
+            self.datastore.stop()
+            self._set_desired("running")
+            self.datastore.start()
+        self._report(self.datastore.status())
+
+    def __getattr__(self, name: str) -> Any:
+        # Database/user/root calls go straight to the datastore plugin.
+        if name in _DELEGATED:
+            return getattr(self.datastore, name)
+        raise AttributeError(name)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _report(self, status: ServiceStatus, message: str | None = None) -> None:
+        try:
+            volume = self.datastore.volume_stats()
+        except Exception:
+            volume = None
+        try:
+            self._conductor.cast(
+                "heartbeat",
+                instance_id=self.instance_id,
+                status=status.value,
+                sent_at=time.time(),
+                volume=volume,
+                message=message,
+            )
+        except CofferError as exc:
+            # The bus may be down (control plane restarting); the next cycle reports again.
+            now = time.monotonic()
+            if now - self._last_report_error > 60:
+                LOG.warning("cannot report to the conductor: %s", exc)
+                self._last_report_error = now
+
+    def cycle(self) -> None:
+        """Observe, act at most once, report."""
+        if not self.prepared:
+            return  # nothing to look after until prepare has run
+        with self._action_lock:
+            status = self.datastore.status()
+            if self._desired() == "running" and status in (
+                ServiceStatus.SHUTDOWN,
+                ServiceStatus.CRASHED,
+            ):
+                LOG.info("engine is %s but should run; starting it", status.value)
+                self._report(status)
+                try:
+                    self.datastore.start()
+                except Exception as exc:
+                    LOG.error("could not start the engine: %s", exc)
+                status = self.datastore.status()
+        self._report(status)
+
+    def run(self) -> None:
+        self._server.start()
+        LOG.info("guest agent for instance %s serving", self.instance_id)
+        while not self._stop.is_set():
+            try:
+                self.cycle()
+            except Exception:
+                LOG.exception("guest agent cycle failed; continuing")
+            self._poke.wait(timeout=self.interval)
+            self._poke.clear()
+        self.shutdown()
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+        self._poke.set()
+
+    def shutdown(self) -> None:
+        """Stop serving and stop the engine (the instance is being deleted or the host stops)."""
+        LOG.info("guest agent stopping")
+        self._server.stop()
+        try:
+            with self._action_lock:
+                self.datastore.stop()
+        except Exception:
+            LOG.exception("engine did not stop cleanly")
+        try:
+            self._report(ServiceStatus.SHUTDOWN)
+        finally:
+            self._conductor.close()
+
+
+def main(config_path: Path) -> None:
+    agent = GuestAgent(config_path)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    agent.run()

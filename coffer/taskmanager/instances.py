@@ -1,0 +1,212 @@
+"""The instance flows: create and delete, as idempotent steps (see ``operations``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from coffer.bus import keys
+from coffer.compute.base import ComputeDriver, ServerSpec
+from coffer.controlplane import ControlPlane
+from coffer.db.models import (
+    Instance,
+    InstanceFault,
+    ServiceStatusRow,
+    utcnow,
+)
+from coffer.db.session import transaction
+from coffer.errors import CofferError, RemoteError, RpcTimeout
+from coffer.status import ServerStatus, ServiceStatus, Task
+from coffer.taskmanager.operations import NEXT, Context, Flow, OperationFailed, StepResult, Wait
+
+LOG = logging.getLogger(__name__)
+
+CREATE = "create_instance"
+DELETE = "delete_instance"
+PREPARE_CALL_TIMEOUT = 180.0
+
+
+def seal_secret(cp: ControlPlane, value: Any, purpose: str) -> str:
+    """Encrypt a secret that must wait in the control DB for a later step (e.g. user passwords)."""
+    return keys.wrap_key(cp.master_key, json.dumps(value).encode(), purpose)
+
+
+def open_secret(cp: ControlPlane, sealed: str, purpose: str) -> Any:
+    return json.loads(keys.unwrap_key(cp.master_key, sealed, purpose))
+
+
+def record_fault(session: Any, instance_id: str, message: str, details: str = "") -> None:
+    session.add(InstanceFault(instance_id=instance_id, message=message[:255], details=details))
+
+
+class InstanceFlows:
+    """Builds the create/delete flows bound to one control plane and compute driver."""
+
+    def __init__(self, cp: ControlPlane, compute: ComputeDriver) -> None:
+        self.cp = cp
+        self.compute = compute
+
+    def flows(self) -> dict[str, Flow]:
+        return {
+            CREATE: Flow(
+                CREATE,
+                [
+                    ("allocate", self.allocate),
+                    ("create_server", self.create_server),
+                    ("prepare", self.prepare),
+                    ("wait_ready", self.wait_ready),
+                ],
+                fail=self.create_failed,
+            ),
+            DELETE: Flow(
+                DELETE,
+                [("delete_server", self.delete_server), ("release", self.release)],
+                fail=self.delete_failed,
+                max_attempts=8,
+            ),
+        }
+
+    # -- create ----------------------------------------------------------------------------------
+
+    def _instance(self, ctx: Context) -> Instance:
+        assert ctx.instance_id is not None
+        with self.cp.session_factory() as session:
+            inst = session.get(Instance, ctx.instance_id)
+        if inst is None:
+            raise OperationFailed(f"Instance {ctx.instance_id} no longer exists.")
+        return inst
+
+    def _ensure_still_building(self, inst: Instance) -> None:
+        if inst.deleted or inst.task is not Task.BUILDING:
+            raise OperationFailed(
+                f"Instance {inst.id} is no longer being built (task {inst.task.value})."
+            )
+
+    def allocate(self, ctx: Context) -> StepResult:
+        inst = self._instance(ctx)
+        self._ensure_still_building(inst)
+        with transaction(self.cp.session_factory) as session:
+            private, public = self.compute.allocate_addresses(
+                session, inst.id, bool(inst.access.get("is_public"))
+            )
+            row = session.get(Instance, inst.id)
+            assert row is not None
+            row.compute_ref = {**row.compute_ref, "private": private, "public": public}
+        ctx.payload["addresses"] = {"private": private, "public": public}
+        return NEXT
+
+    def create_server(self, ctx: Context) -> StepResult:
+        inst = self._instance(ctx)
+        self._ensure_still_building(inst)
+        addresses = ctx.payload["addresses"]
+        spec = ServerSpec(
+            instance_id=inst.id,
+            guest_config=self.cp.guest_config(inst, addresses),
+            is_public=addresses.get("public") is not None,
+        )
+        info = self.compute.create_server(spec)
+        with transaction(self.cp.session_factory) as session:
+            row = session.get(Instance, inst.id)
+            assert row is not None
+            row.compute_ref = {
+                **row.compute_ref,
+                "volume_dir": str(info.volume_dir),
+                "supervisor_pid": info.supervisor_pid,
+            }
+        return NEXT
+
+    def prepare(self, ctx: Context) -> StepResult:
+        inst = self._instance(ctx)
+        self._ensure_still_building(inst)
+        sealed = ctx.payload.get("sealed_users")
+        users = open_secret(self.cp, sealed, f"users:{inst.id}") if sealed else []
+        try:
+            self.cp.guest(inst.id).call(
+                "prepare",
+                timeout=PREPARE_CALL_TIMEOUT,
+                databases=ctx.payload.get("databases", []),
+                users=users,
+            )
+        except RemoteError as exc:
+            raise OperationFailed(f"The database engine could not be prepared: {exc}") from exc
+        except RpcTimeout as exc:
+            # The guest may still be starting; the step is retried (prepare is idempotent) until
+            # the operation's deadline.
+            raise RuntimeError("the guest agent did not answer prepare in time") from exc
+        # The users' passwords were only needed for this step.
+        ctx.payload.pop("sealed_users", None)
+        return NEXT
+
+    def wait_ready(self, ctx: Context) -> StepResult:
+        inst = self._instance(ctx)
+        self._ensure_still_building(inst)
+        with transaction(self.cp.session_factory) as session:
+            status = session.get(ServiceStatusRow, inst.id)
+            observed = status.status if status else ServiceStatus.NEW
+            if observed in (ServiceStatus.FAILED, ServiceStatus.CRASHED):
+                raise OperationFailed(f"The database engine reported {observed.value}.")
+            if observed not in (ServiceStatus.RUNNING, ServiceStatus.HEALTHY):
+                return Wait(0.05)
+            row = session.get(Instance, inst.id)
+            assert row is not None
+            row.task = Task.NONE
+            row.task_description = ""
+            row.server_status = ServerStatus.ACTIVE
+        LOG.info("instance %s is ready", inst.id)
+        return NEXT
+
+    def create_failed(self, ctx: Context, failure: OperationFailed) -> None:
+        if ctx.instance_id is None:
+            return
+        ctx.payload.pop("sealed_users", None)
+        with transaction(self.cp.session_factory) as session:
+            row = session.get(Instance, ctx.instance_id)
+            if row is None or row.deleted or row.task is not Task.BUILDING:
+                return
+            timed_out = "in time" in failure.message
+            row.task = Task.BUILDING_ERROR_TIMEOUT_GA if timed_out else Task.BUILDING_ERROR_GUEST
+            row.task_description = failure.message[:255]
+            row.server_status = ServerStatus.ERROR
+            record_fault(session, row.id, failure.message, failure.details)
+
+    # -- delete ----------------------------------------------------------------------------------
+
+    def delete_server(self, ctx: Context) -> StepResult:
+        assert ctx.instance_id is not None
+        self.compute.delete_server(ctx.instance_id)
+        return NEXT
+
+    def release(self, ctx: Context) -> StepResult:
+        assert ctx.instance_id is not None
+        with transaction(self.cp.session_factory) as session:
+            self.compute.release_addresses(session, ctx.instance_id)
+            row = session.get(Instance, ctx.instance_id)
+            if row is not None:
+                row.deleted = True
+                row.deleted_at = utcnow()
+                row.server_status = ServerStatus.DELETED
+                row.task = Task.NONE
+            status = session.get(ServiceStatusRow, ctx.instance_id)
+            if status is not None:
+                status.status = ServiceStatus.DELETED
+                status.updated_at = utcnow()
+        self.cp.forget_instance(ctx.instance_id)
+        return NEXT
+
+    def delete_failed(self, ctx: Context, failure: OperationFailed) -> None:
+        if ctx.instance_id is None:
+            return
+        with transaction(self.cp.session_factory) as session:
+            row = session.get(Instance, ctx.instance_id)
+            if row is None:
+                return
+            row.task = Task.DELETING_ERROR
+            row.task_description = failure.message[:255]
+            record_fault(session, row.id, failure.message, failure.details)
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, CofferError):
+        return exc.message
+    return str(exc) or exc.__class__.__name__

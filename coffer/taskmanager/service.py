@@ -1,0 +1,154 @@
+"""``coffer taskmanager``: runs every long operation and keeps the world matching the control DB.
+
+Work arrives two ways: a ``wake`` cast on the ``taskmanager`` topic after the API records an
+operation (fast path), and a poll of the ``operations`` table (so a lost cast or a restarted
+taskmanager loses nothing). At start it reconciles: servers of live instances are restarted if
+they are gone, and servers, directories and addresses that belong to no live instance are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from coffer.bus.envelope import StaticKeyRing
+from coffer.bus.rpc import RpcServer
+from coffer.compute.base import ComputeDriver
+from coffer.controlplane import CONTROL_KEY_ID, TASKMANAGER_TOPIC, ControlPlane
+from coffer.db.models import AddressAllocation, Instance, Operation
+from coffer.db.session import transaction
+from coffer.status import ServerStatus, Task
+from coffer.taskmanager.instances import InstanceFlows
+from coffer.taskmanager.operations import PENDING, RUNNING, Runner
+
+LOG = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+
+
+class TaskManager:
+    """The taskmanager service. ``start()`` runs it in background threads; ``stop()`` ends it."""
+
+    rpc_methods = frozenset({"wake"})
+
+    def __init__(self, cp: ControlPlane, compute: ComputeDriver, workers: int = 16) -> None:
+        self.cp = cp
+        self.compute = compute
+        self.runner = Runner(cp.session_factory, InstanceFlows(cp, compute).flows())
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tm-op")
+        self._inflight: dict[str, Future[None]] = {}
+        self._inflight_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: RpcServer | None = None
+
+    # -- RPC endpoint ----------------------------------------------------------------------------
+
+    def wake(self, op_id: str | None = None) -> None:
+        """Something was enqueued: look at the operations table now instead of at the next poll."""
+        if op_id:
+            self.runner.forget(op_id)
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reconcile()
+        self._server = RpcServer(
+            self.cp.bus_url,
+            TASKMANAGER_TOPIC,
+            self,
+            StaticKeyRing({CONTROL_KEY_ID: self.cp.control_key}),
+        )
+        self._server.start()
+        self._thread = threading.Thread(target=self._loop, name="taskmanager", daemon=True)
+        self._thread.start()
+        LOG.info("taskmanager started (owner %s)", self.runner.owner)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._dispatch()
+            except Exception:
+                LOG.exception("taskmanager loop error; continuing")
+            self._wake.wait(timeout=self._next_wait())
+            self._wake.clear()
+
+    def _next_wait(self) -> float:
+        with self._inflight_lock:
+            busy = bool(self._inflight)
+        return 0.05 if busy else POLL_SECONDS
+
+    def _dispatch(self) -> None:
+        with self._inflight_lock:
+            done = [op_id for op_id, fut in self._inflight.items() if fut.done()]
+            for op_id in done:
+                self._inflight.pop(op_id)
+            busy = set(self._inflight)
+        for op_id in self.runner.claim(limit=32):
+            if op_id in busy or self._stop.is_set():
+                continue
+            with self._inflight_lock:
+                self._inflight[op_id] = self._pool.submit(self._run, op_id)
+
+    def _run(self, op_id: str) -> None:
+        try:
+            wait = self.runner.run_until_blocked(op_id)
+        except Exception:
+            LOG.exception("operation %s crashed its worker; it will be retried", op_id)
+            wait = 1.0
+        if wait is not None:
+            self.runner.defer(op_id, wait)
+        self._wake.set()
+
+    # -- reconciliation ----------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Make running servers match the control DB (run at start; safe to run any time)."""
+        with self.cp.session_factory() as session:
+            live = {
+                row.id: row
+                for row in session.scalars(select(Instance).where(Instance.deleted.is_(False)))
+            }
+            pending_ops = {
+                op.instance_id
+                for op in session.scalars(
+                    select(Operation).where(Operation.state.in_((PENDING, RUNNING)))
+                )
+            }
+        for instance_id in self.compute.list_servers():
+            if instance_id not in live:
+                LOG.warning("removing orphaned server %s (no live instance owns it)", instance_id)
+                try:
+                    self.compute.delete_server(instance_id)
+                except Exception:
+                    LOG.exception("could not remove orphaned server %s", instance_id)
+        for instance_id, inst in live.items():
+            if instance_id in pending_ops or inst.task is not Task.NONE:
+                continue
+            if inst.server_status is not ServerStatus.ACTIVE:
+                continue
+            try:
+                self.compute.ensure_running(instance_id)
+            except Exception:
+                LOG.exception("could not restart the server of instance %s", instance_id)
+        with transaction(self.cp.session_factory) as session:
+            for alloc in session.scalars(select(AddressAllocation)).all():
+                if alloc.instance_id not in live:
+                    LOG.warning("releasing orphaned address %s", alloc.address)
+                    session.delete(alloc)
