@@ -153,6 +153,24 @@ class Coffer:
             return json.loads(proc.stdout)
         return proc
 
+    def trove(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the legacy ``trove`` CLI as the demo user (it takes OS_* variables, not clouds)."""
+        env = dict(self.env)
+        env.update(
+            {
+                "OS_AUTH_URL": f"{self.base_url}/identity/v3",
+                "OS_USERNAME": "demo",
+                "OS_PASSWORD": self.credentials()["demo_password"],
+                "OS_PROJECT_NAME": "demo",
+                "OS_USER_DOMAIN_NAME": "Default",
+                "OS_PROJECT_DOMAIN_NAME": "Default",
+                "OS_REGION_NAME": "RegionOne",
+            }
+        )
+        return subprocess.run(
+            [str(VENV_BIN / "trove"), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
     def token(self, user: str = "demo", project: str = "demo") -> tuple[str, str]:
         """(token, project id) from the embedded identity service."""
         creds = self.credentials()

@@ -176,7 +176,7 @@ def project_create(config: str | None, name: str) -> None:
 def user_create(
     config: str | None, name: str, project: str, roles: tuple[str, ...], password_stdin: bool
 ) -> None:
-    """Create or update a user with roles on a project."""
+    """Create or update a user with roles on a project (created if missing)."""
     from coffer.cli.bootstrap import identity_service
 
     if password_stdin:
@@ -189,6 +189,7 @@ def user_create(
     try:
         identity = identity_service(cp)
         identity.ensure_roles()
+        identity.create_project(project)
         identity.create_user(name, password, project, list(roles))
         click.echo(f"user {name} has roles {', '.join(roles)} on project {project}")
         if not password_stdin:

@@ -80,8 +80,9 @@ class Conductor:
 
     rpc_methods = frozenset({"heartbeat"})
 
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: ControlPlane, topic: str = CONDUCTOR_TOPIC) -> None:
         self.cp = cp
+        self.topic = topic
         self._server: RpcServer | None = None
 
     def heartbeat(
@@ -121,7 +122,7 @@ class Conductor:
     def start(self) -> None:
         self._server = RpcServer(
             self.cp.bus_url,
-            CONDUCTOR_TOPIC,
+            self.topic,
             _SenderBound(self),
             InstanceKeyRing(self.cp),
             guard=SequenceGuard(self.cp),

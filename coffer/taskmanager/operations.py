@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -83,7 +84,8 @@ class Flow:
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+    """``host:pid:random``: the pid lets a successor on the same host see the owner is dead."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def _owner_dead(owner: str) -> bool:
@@ -144,6 +146,9 @@ class Runner:
                 .where(Operation.state.in_((PENDING, RUNNING)))
                 .order_by(Operation.created)
                 .limit(200)
+                # Row locks keep two taskmanagers on PostgreSQL/MariaDB from claiming one
+                # operation; SQLite is serialised by BEGIN IMMEDIATE instead.
+                .with_for_update(skip_locked=True)
             ).all()
             for op in rows:
                 if len(claimed) >= limit:

@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pymysql
 import pytest
 from coffer_harness import VENV_BIN, Coffer, processes_under
@@ -171,19 +172,13 @@ def test_seed_sequence(coffer_up: Coffer) -> None:
     assert {a["Name"] for a in access} == {"testdb", "newdb"}
 
     # 11-13. the legacy trove CLI
-    env = coffer.cli_env()
-    trove = [str(VENV_BIN / "trove"), "--os-cloud", "coffer"]
-    out = subprocess.run([*trove, "list"], env=env, capture_output=True, text=True, timeout=60)
+    out = coffer.trove("list")
     assert out.returncode == 0, out.stderr
     assert "my_db" in out.stdout and "ACTIVE" in out.stdout
-    out = subprocess.run(
-        [*trove, "datastore-list"], env=env, capture_output=True, text=True, timeout=60
-    )
+    out = coffer.trove("datastore-list")
     assert out.returncode == 0, out.stderr
     assert "mariadb" in out.stdout and "mysql" in out.stdout
-    out = subprocess.run(
-        [*trove, "flavor-list"], env=env, capture_output=True, text=True, timeout=60
-    )
+    out = coffer.trove("flavor-list")
     assert out.returncode == 0, out.stderr
     assert "m1.medium" in out.stdout
 
@@ -211,7 +206,14 @@ def test_seed_sequence(coffer_up: Coffer) -> None:
         if gone.returncode != 0:
             break
         time.sleep(0.5)
-    assert gone.returncode != 0 and "could not be found" in gone.stderr.lower()
+    assert gone.returncode != 0 and "no instance with a name or id" in gone.stderr.lower()
+    token, project = coffer.token()
+    resp = httpx.get(
+        f"{coffer.base_url}/v1.0/{project}/instances/{instance_id}",
+        headers={"X-Auth-Token": token},
+    )
+    assert resp.status_code == 404
+    assert resp.json()["itemNotFound"]["code"] == 404
     assert not volume.exists()
     assert processes_under(volume) == []
     with pytest.raises(pymysql.err.OperationalError):

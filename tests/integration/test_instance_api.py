@@ -1,0 +1,233 @@
+"""Instances through the HTTP API of a real ``coffer up``: bad input gets the documented 4xx with
+a clear message and changes nothing; tenants cannot see each other's instances."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pymysql
+import pytest
+from coffer_harness import VENV_BIN, Coffer
+
+pytestmark = pytest.mark.integration
+
+
+class Api:
+    def __init__(self, coffer: Coffer, user: str = "demo", project: str = "demo") -> None:
+        self.coffer = coffer
+        self.token, self.project = coffer.token(user, project)
+
+    def url(self, path: str, project: str | None = None) -> str:
+        return f"{self.coffer.base_url}/v1.0/{project or self.project}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        project: str | None = None,
+        token: str | None = "",
+        **kwargs: Any,
+    ) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["X-Auth-Token"] = token or self.token
+        return httpx.request(method, self.url(path, project), headers=headers, timeout=30, **kwargs)
+
+
+def _counts(coffer: Coffer) -> tuple[int, int]:
+    with sqlite3.connect(coffer.state_dir / "coffer.db") as conn:
+        instances = conn.execute("select count(*) from instances").fetchone()[0]
+        operations = conn.execute("select count(*) from operations").fetchone()[0]
+    return instances, operations
+
+
+def _create_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "api-test",
+        "flavorRef": "6",
+        "volume": {"size": 1},
+        "datastore": {"type": "mariadb"},
+        "databases": [{"name": "appdb"}],
+        "users": [{"name": "app", "password": "app-pass", "databases": [{"name": "appdb"}]}],
+    }
+    body.update(overrides)
+    return {"instance": body}
+
+
+@pytest.fixture(scope="module")
+def ready(coffer_up: Coffer) -> Iterator[tuple[Api, str]]:
+    api = Api(coffer_up)
+    resp = api.request("POST", "/instances", json=_create_body())
+    assert resp.status_code == 200, resp.text
+    instance_id = resp.json()["instance"]["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        shown = api.request("GET", f"/instances/{instance_id}").json()["instance"]
+        if shown["status"] == "ACTIVE":
+            break
+        assert shown["status"] == "BUILD", shown
+        time.sleep(0.3)
+    yield api, instance_id
+    api.request("DELETE", f"/instances/{instance_id}")
+
+
+BAD_CREATES = [
+    ({"flavorRef": "no-such-flavor"}, 404, "flavor"),
+    ({"datastore": {"type": "nosuchdb"}}, 404, "nosuchdb"),
+    ({"datastore": {"type": "mariadb", "version": "0.0.1"}}, 404, "0.0.1"),
+    ({"volume": {"size": 0}}, 400, "volume"),
+    ({"volume": {"size": 500}}, 413, "largest accepted size"),
+    ({"volume": None}, 400, "volume is required"),
+    ({"databases": [{"name": "bad;db"}]}, 400, "bad;db"),
+    ({"databases": [{"name": "mysql"}]}, 400, "reserved"),
+    ({"databases": [{"name": "x" * 65}]}, 400, "64"),
+    ({"users": [{"name": "root", "password": "pw"}]}, 400, "reserved"),
+    ({"users": [{"name": "o'brien", "password": "pw"}]}, 400, "must not contain"),
+    ({"users": [{"name": "app", "password": " padded"}]}, 400, "password"),
+    (
+        {"users": [{"name": "app", "password": "pw", "databases": [{"name": "other"}]}]},
+        400,
+        "not in the instance's databases",
+    ),
+    ({"name": ""}, 400, "Validation error"),
+    ({"restorePoint": {"backupRef": "x"}}, 501, "not supported"),
+]
+
+
+@pytest.mark.parametrize(("override", "status", "phrase"), BAD_CREATES)
+def test_bad_create_is_refused_and_changes_nothing(
+    coffer_up: Coffer, override: dict[str, Any], status: int, phrase: str
+) -> None:
+    api = Api(coffer_up)
+    before = _counts(coffer_up)
+    resp = api.request("POST", "/instances", json=_create_body(**override))
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    (fault,) = resp.json().values()
+    assert fault["code"] == status
+    assert phrase.lower() in fault["message"].lower(), fault["message"]
+    assert "pw" not in fault["message"].split() and "app-pass" not in fault["message"]
+    assert _counts(coffer_up) == before
+
+
+def test_malformed_bodies(coffer_up: Coffer) -> None:
+    api = Api(coffer_up)
+    before = _counts(coffer_up)
+    resp = api.request(
+        "POST", "/instances", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400
+    assert "badRequest" in resp.json()
+    resp = api.request("POST", "/instances", json={"instances": {}})
+    assert resp.status_code == 400
+    assert resp.json()["badRequest"]["message"].startswith("Validation error")
+    assert _counts(coffer_up) == before
+
+
+def test_authentication_and_project_scope(coffer_up: Coffer) -> None:
+    api = Api(coffer_up)
+    admin = Api(coffer_up, "admin", "admin")
+    resp = api.request("GET", "/instances", token=None)
+    assert resp.status_code == 401
+    assert resp.json()["unauthorized"]["code"] == 401
+    resp = api.request("GET", "/instances", token="not-a-token")
+    assert resp.status_code == 401
+    # demo's token on admin's project path
+    before = _counts(coffer_up)
+    resp = api.request("POST", "/instances", project=admin.project, json=_create_body())
+    assert resp.status_code == 403
+    assert "forbidden" in resp.json()
+    assert _counts(coffer_up) == before
+
+
+def test_duplicate_user_and_foreign_instance(ready: tuple[Api, str], coffer_up: Coffer) -> None:
+    api, instance_id = ready
+    resp = api.request(
+        "POST",
+        f"/instances/{instance_id}/users",
+        json={"users": [{"name": "app", "password": "x"}]},
+    )
+    assert resp.status_code == 400
+    assert "already exists" in resp.json()["badRequest"]["message"]
+    # The original password still works: the duplicate changed nothing.
+    shown = api.request("GET", f"/instances/{instance_id}").json()["instance"]
+    address = shown["addresses"][0]["address"]
+    conn = pymysql.connect(host=address, user="app", password="app-pass", database="appdb")
+    conn.close()
+
+    # Admins may look across projects...
+    admin = Api(coffer_up, "admin", "admin")
+    resp = httpx.get(
+        f"{coffer_up.base_url}/v1.0/{admin.project}/instances/{instance_id}",
+        headers={"X-Auth-Token": admin.token},
+    )
+    assert resp.status_code == 200
+
+    # ...another tenant cannot, and learns nothing: 404 (not 403), and an empty list.
+    subprocess.run(
+        [
+            str(VENV_BIN / "coffer"),
+            "manage",
+            "user-create",
+            "eve",
+            "--project",
+            "other",
+            "--password-stdin",
+        ],
+        input="eve-password\n",
+        env=coffer_up.env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {"name": "eve", "domain": {"id": "default"}, "password": "eve-password"}
+                },
+            },
+            "scope": {"project": {"name": "other", "domain": {"id": "default"}}},
+        }
+    }
+    token_resp = httpx.post(f"{coffer_up.base_url}/identity/v3/auth/tokens", json=body)
+    assert token_resp.status_code == 201, token_resp.text
+    eve_token = token_resp.headers["X-Subject-Token"]
+    eve_project = token_resp.json()["token"]["project"]["id"]
+    for method, path in [
+        ("GET", f"/instances/{instance_id}"),
+        ("DELETE", f"/instances/{instance_id}"),
+        ("GET", f"/instances/{instance_id}/users"),
+        ("POST", f"/instances/{instance_id}/root"),
+    ]:
+        resp = httpx.request(
+            method,
+            f"{coffer_up.base_url}/v1.0/{eve_project}{path}",
+            headers={"X-Auth-Token": eve_token},
+        )
+        assert resp.status_code == 404, (method, path, resp.text)
+    resp = httpx.get(
+        f"{coffer_up.base_url}/v1.0/{eve_project}/instances", headers={"X-Auth-Token": eve_token}
+    )
+    assert resp.json() == {"instances": []}
+    assert api.request("GET", f"/instances/{instance_id}").json()["instance"]["status"] == "ACTIVE"
+
+
+def test_database_calls_on_a_building_instance_are_422(ready: tuple[Api, str]) -> None:
+    api, _ = ready
+    resp = api.request("POST", "/instances", json=_create_body(name="still-building"))
+    assert resp.status_code == 200
+    new_id = resp.json()["instance"]["id"]
+    try:
+        resp = api.request("GET", f"/instances/{new_id}/databases")
+        assert resp.status_code == 422
+        assert "not ready" in resp.json()["unprocessableEntity"]["message"]
+    finally:
+        assert api.request("DELETE", f"/instances/{new_id}").status_code == 202
