@@ -3,6 +3,8 @@ a clear message and changes nothing; tenants cannot see each other's instances."
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 import pymysql
 import pytest
-from coffer_harness import VENV_BIN, Coffer
+from coffer_harness import VENV_BIN, Coffer, processes_under
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +233,77 @@ def test_database_calls_on_a_building_instance_are_422(ready: tuple[Api, str]) -
         assert "not ready" in resp.json()["unprocessableEntity"]["message"]
     finally:
         assert api.request("DELETE", f"/instances/{new_id}").status_code == 202
+
+
+def test_engine_stop_shows_shutdown_and_reboot_recovers(
+    ready: tuple[Api, str], coffer_up: Coffer
+) -> None:
+    api, instance_id = ready
+    admin = Api(coffer_up, "admin", "admin")
+
+    def shown() -> dict[str, Any]:
+        resp = api.request("GET", f"/instances/{instance_id}")
+        instance: dict[str, Any] = resp.json()["instance"]
+        return instance
+
+    before = shown()
+    address = before["addresses"][0]["address"]
+    assert before["volume"]["used"] > 0, "the guest reports the volume's used size"
+    assert before["volume"]["size"] == 1
+
+    # Non-admins may not stop engines.
+    resp = api.request("POST", f"/mgmt/instances/{instance_id}/action", json={"stop": {}})
+    assert resp.status_code == 403
+    resp = admin.request("POST", f"/mgmt/instances/{instance_id}/action", json={"stop": {}})
+    assert resp.status_code == 202, resp.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and shown()["operating_status"] != "SHUTDOWN":
+        time.sleep(0.2)
+    assert (shown()["status"], shown()["operating_status"]) == ("SHUTDOWN", "SHUTDOWN")
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(host=address, user="app", password="app-pass", connect_timeout=3)
+    resp = api.request("GET", f"/instances/{instance_id}/users")
+    assert resp.status_code == 422
+    # The agent leaves a deliberately stopped engine alone across its own cycles.
+    time.sleep(3)
+    assert shown()["operating_status"] == "SHUTDOWN"
+
+    resp = admin.request("POST", f"/mgmt/instances/{instance_id}/action", json={"reboot": {}})
+    assert resp.status_code == 202, resp.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and shown()["operating_status"] != "HEALTHY":
+        time.sleep(0.2)
+    assert (shown()["status"], shown()["operating_status"]) == ("ACTIVE", "HEALTHY")
+    pymysql.connect(host=address, user="app", password="app-pass", database="appdb").close()
+
+
+def test_a_crashed_engine_is_restarted_by_its_agent(
+    ready: tuple[Api, str], coffer_up: Coffer
+) -> None:
+    api, instance_id = ready
+    volume = coffer_up.state_dir / "instances" / instance_id
+    engines = [p for p in processes_under(volume) if b"mariadbd" in _cmdline(p)]
+    assert len(engines) == 1
+    os.kill(engines[0], signal.SIGKILL)
+    address = api.request("GET", f"/instances/{instance_id}").json()["instance"]["addresses"][0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            pymysql.connect(
+                host=address["address"], user="app", password="app-pass", database="appdb"
+            ).close()
+            break
+        except pymysql.err.OperationalError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the engine was not restarted within 30 s")
+    new = [p for p in processes_under(volume) if b"mariadbd" in _cmdline(p)]
+    assert len(new) == 1 and new != engines
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""

@@ -157,3 +157,83 @@ def test_a_create_that_cannot_succeed_ends_in_error_with_a_fault(services: Coffe
     finally:
         blocker.close()
     assert httpx.delete(f"{api}/instances/{instance_id}", headers=headers).status_code == 202
+
+
+def test_instances_survive_coffer_up_restart(engine_user: str) -> None:
+    """Ctrl-C stops Coffer cleanly; the instance keeps serving; the next `coffer up` finds it."""
+    with coffer_environment() as coffer:
+        coffer.start("up", "up")
+        coffer.wait_api()
+        token, project = coffer.token()
+        api = f"{coffer.base_url}/v1.0/{project}"
+        headers = {"X-Auth-Token": token}
+        body = {
+            "instance": {
+                "name": "durable",
+                "flavorRef": "6",
+                "volume": {"size": 1},
+                "datastore": {"type": "mariadb"},
+                "databases": [{"name": "dd"}],
+                "users": [{"name": "u", "password": "pw-durable", "databases": [{"name": "dd"}]}],
+            }
+        }
+        resp = httpx.post(f"{api}/instances", json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+        instance_id = resp.json()["instance"]["id"]
+        shown = _wait_not_build(api, headers, instance_id)
+        assert shown["status"] == "ACTIVE"
+        address = shown["addresses"][0]["address"]
+
+        coffer.stop("up", sig=signal.SIGINT)
+        assert "Coffer stopped" in coffer.log("up")
+        # The instance kept running without the control plane.
+        conn = pymysql.connect(host=address, user="u", password="pw-durable", database="dd")
+        with conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE t (v INT)")
+            cur.execute("INSERT INTO t VALUES (42)")
+            conn.commit()
+
+        coffer.start("up", "up")
+        coffer.wait_api()
+        token, _ = coffer.token()
+        headers = {"X-Auth-Token": token}
+        shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
+        assert shown["status"] == "ACTIVE"
+        # Its guest reconnects to the new bus and answers calls again.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            resp = httpx.get(f"{api}/instances/{instance_id}/users", headers=headers, timeout=30)
+            if resp.status_code == 200:
+                break
+            time.sleep(0.5)
+        assert resp.status_code == 200, resp.text
+        assert [u["name"] for u in resp.json()["users"]] == ["u"]
+        conn = pymysql.connect(host=address, user="u", password="pw-durable", database="dd")
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT v FROM t")
+            assert cur.fetchall() == ((42,),)
+
+        # reset_status is for admins; it un-sticks the task and keeps the instance.
+        resp = httpx.post(
+            f"{api}/instances/{instance_id}/action", json={"reset_status": {}}, headers=headers
+        )
+        assert resp.status_code == 403
+        admin_token, admin_project = coffer.token("admin", "admin")
+        resp = httpx.post(
+            f"{coffer.base_url}/v1.0/{admin_project}/instances/{instance_id}/action",
+            json={"reset_status": {}},
+            headers={"X-Auth-Token": admin_token},
+        )
+        assert resp.status_code == 202, resp.text
+        assert _wait_not_build(api, headers, instance_id)["status"] == "ACTIVE"
+
+
+def _wait_not_build(api: str, headers: dict[str, str], instance_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    shown: dict = {}
+    while time.monotonic() < deadline:
+        shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
+        if shown["status"] != "BUILD":
+            return shown
+        time.sleep(0.2)
+    return shown

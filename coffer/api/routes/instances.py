@@ -777,3 +777,26 @@ def mgmt_list_instances(
             view["server"] = dict(row.compute_ref or {})
             items.append(view)
     return {"instances": items}
+
+
+@router.post("/mgmt/instances/{instance_id}/action", status_code=202)
+def mgmt_instance_action(
+    request: Request,
+    instance_id: str,
+    body: dict[str, Any],
+    ctx: RequestContext = Depends(get_context),  # noqa: B008
+) -> Response:
+    """Admin actions on the engine: ``stop`` (stays stopped until started) and ``reboot``."""
+    require_admin(ctx)
+    if len(body) != 1 or next(iter(body)) not in ("stop", "reboot"):
+        raise BadRequest('The body must be {"stop": {}} or {"reboot": {}}.')
+    (action,) = body
+    cp = _cp(request)
+    with cp.session_factory() as session:
+        inst = _load(session, ctx, instance_id)
+        if inst.task is not Task.NONE:
+            raise UnprocessableEntity(
+                f"Instance {inst.id} is busy ({inst.task.value}); try again when it is not."
+            )
+    _guest_call(cp, inst, "stop_db" if action == "stop" else "restart")
+    return Response(status_code=202)
