@@ -156,6 +156,8 @@ class ControlPlane:
             "flavor": {"id": flavor.id, "ram": flavor.ram, "vcpus": flavor.vcpus},
             "volume_size_gb": instance.volume_size,
             "heartbeat_interval": self.settings.default.agent_heartbeat_interval,
+            "allowed_cidrs": list((instance.access or {}).get("allowed_cidrs") or []),
+            "template_dir": str(self.settings.state_dir / "templates"),
             "engine_user": self.settings.engine_user,
         }
 

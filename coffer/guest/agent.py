@@ -77,6 +77,8 @@ class GuestAgent:
             memory_mb=int(flavor["ram"]),
             vcpus=int(flavor["vcpus"]),
             volume_size_gb=int(config["volume_size_gb"]),
+            allowed_cidrs=tuple(config.get("allowed_cidrs") or ()),
+            template_dir=Path(config["template_dir"]) if config.get("template_dir") else None,
         )
         self.datastore: Datastore = plugin_class(self.manager)(self.spec)
         self._state_dir = self.layout.root / "state"

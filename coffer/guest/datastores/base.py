@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar
 
 from coffer.errors import EngineError, NotImplementedByDatastore, ValidationError
@@ -53,6 +54,9 @@ class EngineSpec:
     engine listens on ``port`` on each of them and nowhere else. ``memory_mb``, ``vcpus`` and
     ``volume_size_gb`` come from the flavor and the volume and size the engine's settings.
     ``run_as`` is the unprivileged OS user to run the engine as when the agent itself is root.
+    ``allowed_cidrs`` are the networks clients may connect from (empty: anywhere); engines that
+    can enforce them (PostgreSQL's pg_hba) do. ``template_dir`` is a directory shared by the
+    instances of one host where a datastore may keep pre-initialised data directories to copy.
     """
 
     layout: InstanceLayout
@@ -62,6 +66,8 @@ class EngineSpec:
     vcpus: int
     volume_size_gb: int
     run_as: str | None = None
+    allowed_cidrs: tuple[str, ...] = ()
+    template_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.bind_addresses:
@@ -83,6 +89,11 @@ class EngineSpec:
             raise ValidationError("The flavor must have at least one vCPU.")
         if self.volume_size_gb < 1:
             raise ValidationError("The volume must be at least 1 GB.")
+        for cidr in self.allowed_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValidationError(f"The allowed CIDR {cidr!r} is not a network.") from None
 
 
 def paginate(
