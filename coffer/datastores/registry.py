@@ -11,18 +11,32 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import threading
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from coffer.errors import BadRequest, ValidationError
+from coffer.errors import BadRequest, NotImplementedByDatastore, ValidationError
 
 if TYPE_CHECKING:
-    from coffer.guest.datastores.base import Datastore
+    from coffer.guest.datastores.base import Capability, Datastore
+
+LOG = logging.getLogger(__name__)
 
 #: manager short name -> "module:Class" of its guest plugin.
 PLUGINS: dict[str, str] = {
     "mariadb": "coffer.guest.datastores.mariadb:MariaDBDatastore",
+    "postgresql": "coffer.guest.datastores.postgresql:PostgreSQLDatastore",
+    "redis": "coffer.guest.datastores.redis:RedisDatastore",
+}
+
+#: manager short name -> module of the name rules the API applies before calling a guest.
+RULES: dict[str, str] = {
+    "mariadb": "coffer.datastores.mysql_rules",
+    "mysql": "coffer.datastores.mysql_rules",
+    "postgresql": "coffer.datastores.postgresql_rules",
+    "redis": "coffer.datastores.redis_rules",
 }
 
 #: Managers an operator may register even though no plugin exists here yet.
@@ -64,7 +78,12 @@ def installed_engines(refresh: bool = False) -> list[InstalledEngine]:
         if _detected is None or refresh:
             found = []
             for manager in PLUGINS:
-                version = plugin_class(manager).detect_version()
+                try:
+                    cls = plugin_class(manager)
+                except ImportError:
+                    LOG.warning("the %s guest plugin cannot be loaded; skipping it", manager)
+                    continue
+                version = cls.detect_version()
                 if version:
                     found.append(InstalledEngine(manager, version))
             _detected = found
@@ -87,3 +106,29 @@ def serving_engine(manager: str, version_number: str) -> InstalledEngine:
         f"installed engine matches it. This deployment can run: {runnable}. Register a version "
         f"whose manager and version number match one of those."
     )
+
+
+def rules_for(manager: str) -> ModuleType:
+    """The name-rule module the API applies for ``manager`` (same functions for every engine)."""
+    target = RULES.get(manager)
+    if target is None:
+        raise ValidationError(f"No naming rules for datastore manager {manager!r}.")
+    return importlib.import_module(target)
+
+
+_FEATURE_NAMES = {
+    "databases": "databases",
+    "users": "users",
+    "root": "root access",
+}
+
+
+def require_capability(manager: str, capability: Capability) -> None:
+    """Refuse (501) an operation the engine does not have, before anything is sent to a guest."""
+    cls = plugin_class(manager)
+    if capability not in cls.capabilities:
+        feature = _FEATURE_NAMES.get(capability.value, capability.value)
+        raise NotImplementedByDatastore(
+            f"{manager} instances do not support {feature}."
+            + (f" {cls.capability_notes[capability]}" if capability in cls.capability_notes else "")
+        )

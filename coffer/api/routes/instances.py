@@ -9,7 +9,9 @@ Handlers are plain functions: FastAPI runs them in its thread pool, so blocking 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
+from types import ModuleType
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,8 +33,7 @@ from coffer.api.instance_schemas import (
 from coffer.api.instance_views import effective_service_status, instance_view
 from coffer.catalog import find_flavor, resolve_datastore_version
 from coffer.controlplane import ControlPlane
-from coffer.datastores import mysql_rules
-from coffer.datastores.registry import serving_engine
+from coffer.datastores.registry import require_capability, rules_for, serving_engine
 from coffer.db.models import (
     Datastore,
     DatastoreVersion,
@@ -58,6 +59,7 @@ from coffer.errors import (
     UnprocessableEntity,
     ValidationError,
 )
+from coffer.guest.datastores.base import Capability
 from coffer.status import SERVICE_READY, ServerStatus, ServiceStatus, Task
 from coffer.taskmanager.instances import CREATE, DELETE, seal_secret
 from coffer.taskmanager.operations import PENDING, RUNNING, enqueue
@@ -297,16 +299,21 @@ def _validate_create(
         raise OverLimit(
             f"Volume size {size} GB is larger than the largest accepted size, {max_size} GB."
         )
+    rules = rules_for(version.manager)
+    if spec.databases:
+        require_capability(version.manager, Capability.DATABASES)
+    if spec.users:
+        require_capability(version.manager, Capability.USERS)
     db_names = []
     for db in spec.databases:
-        mysql_rules.validate_database(db.model_dump(exclude_none=True))
+        rules.validate_database(db.model_dump(exclude_none=True))
         if db.name in db_names:
             raise BadRequest(f"Database {db.name!r} is listed twice.")
         db_names.append(db.name)
     seen_users = set()
     reserved = [cp.settings.engine_user]
     for user in spec.users:
-        mysql_rules.validate_user(user.model_dump(exclude_none=True), extra_reserved=reserved)
+        rules.validate_user(user.model_dump(exclude_none=True), extra_reserved=reserved)
         key = (user.name, user.host or "%")
         if key in seen_users:
             raise BadRequest(f"User {user.name}@{user.host or '%'} is listed twice.")
@@ -478,12 +485,28 @@ def _reset_status(
 # --- databases ---------------------------------------------------------------------------------
 
 
-def _ready_instance(request: Request, ctx: RequestContext, instance_id: str) -> Instance:
+@dataclass(frozen=True)
+class Target:
+    """An instance a database/user/root call is about, with its engine's name rules."""
+
+    inst: Instance
+    manager: str
+    rules: ModuleType
+
+
+def _target(
+    request: Request, ctx: RequestContext, instance_id: str, capability: Capability
+) -> Target:
+    """Load the caller's instance, refuse (501) what its engine cannot do, then (422) an engine
+    that is not running; in that order, and before anything is sent to the guest."""
     cp = _cp(request)
     with cp.session_factory() as session:
         inst = _load(session, ctx, instance_id)
+        version = session.get(DatastoreVersion, inst.datastore_version_id)
+        assert version is not None
+        require_capability(version.manager, capability)
         _ready(session, inst)
-        return inst
+        return Target(inst, version.manager, rules_for(version.manager))
 
 
 @router.get("/instances/{instance_id}/databases")
@@ -494,10 +517,10 @@ def list_databases(
     limit: int | None = Query(None),
     marker: str | None = Query(None),
 ) -> dict[str, Any]:
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
     cp = _cp(request)
     page = _limit(request, limit, cp.settings.default.databases_page_size)
-    inst = _ready_instance(request, ctx, instance_id)
-    items, next_marker = _guest_call(cp, inst, "list_databases", limit=page, marker=marker)
+    items, next_marker = _guest_call(cp, t.inst, "list_databases", limit=page, marker=marker)
     return _paginate(request, items, next_marker, "databases", page)
 
 
@@ -509,11 +532,11 @@ def create_databases(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
     dbs = [d.model_dump(exclude_none=True) for d in body.databases]
     for db in dbs:
-        mysql_rules.validate_database(db)
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "create_databases", databases=dbs)
+        t.rules.validate_database(db)
+    _guest_call(_cp(request), t.inst, "create_databases", databases=dbs)
     return Response(status_code=202)
 
 
@@ -535,9 +558,9 @@ def delete_database(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
-    mysql_rules.validate_database({"name": name})
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "delete_database", name=name)
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
+    t.rules.validate_database({"name": name})
+    _guest_call(_cp(request), t.inst, "delete_database", name=name)
     return Response(status_code=202)
 
 
@@ -552,10 +575,10 @@ def list_users(
     limit: int | None = Query(None),
     marker: str | None = Query(None),
 ) -> dict[str, Any]:
+    t = _target(request, ctx, instance_id, Capability.USERS)
     cp = _cp(request)
     page = _limit(request, limit, cp.settings.default.users_page_size)
-    inst = _ready_instance(request, ctx, instance_id)
-    items, next_marker = _guest_call(cp, inst, "list_users", limit=page, marker=marker)
+    items, next_marker = _guest_call(cp, t.inst, "list_users", limit=page, marker=marker)
     return _paginate(request, items, next_marker, "users", page)
 
 
@@ -567,16 +590,16 @@ def create_users(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.USERS)
     users = [u.model_dump(exclude_none=True) for u in body.users]
     seen = set()
     for user in users:
-        mysql_rules.validate_user(user, extra_reserved=_reserved(request))
+        t.rules.validate_user(user, extra_reserved=_reserved(request))
         key = (user["name"], user.get("host", "%"))
         if key in seen:
             raise BadRequest(f"User {key[0]}@{key[1]} is listed twice.")
         seen.add(key)
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "create_users", users=users)
+    _guest_call(_cp(request), t.inst, "create_users", users=users)
     return Response(status_code=202)
 
 
@@ -588,11 +611,11 @@ def change_passwords(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.USERS)
     users = [u.model_dump(exclude_none=True) for u in body.users]
     for user in users:
-        mysql_rules.validate_user({**user, "databases": []}, extra_reserved=_reserved(request))
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "change_passwords", users=users)
+        t.rules.validate_user({**user, "databases": []}, extra_reserved=_reserved(request))
+    _guest_call(_cp(request), t.inst, "change_passwords", users=users)
     return Response(status_code=202)
 
 
@@ -603,10 +626,10 @@ def show_user(
     user: str,
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> dict[str, Any]:
+    t = _target(request, ctx, instance_id, Capability.USERS)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
-    inst = _ready_instance(request, ctx, instance_id)
-    return {"user": _guest_call(_cp(request), inst, "get_user", name=name, host=host)}
+    t.rules.validate_user_name(name, _reserved(request))
+    return {"user": _guest_call(_cp(request), t.inst, "get_user", name=name, host=host)}
 
 
 @router.put("/instances/{instance_id}/users/{user}", status_code=202)
@@ -618,14 +641,14 @@ def update_user(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.USERS)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
+    t.rules.validate_user_name(name, _reserved(request))
     attrs = body.user.model_dump(exclude_none=True)
     if not attrs:
         raise BadRequest("Give at least one of name, password or host to change.")
-    mysql_rules.validate_user_update(attrs, _reserved(request))
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "update_user", name=name, host=host, attrs=attrs)
+    t.rules.validate_user_update(attrs, _reserved(request))
+    _guest_call(_cp(request), t.inst, "update_user", name=name, host=host, attrs=attrs)
     return Response(status_code=202)
 
 
@@ -637,10 +660,10 @@ def delete_user(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.USERS)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "delete_user", name=name, host=host)
+    t.rules.validate_user_name(name, _reserved(request))
+    _guest_call(_cp(request), t.inst, "delete_user", name=name, host=host)
     return Response(status_code=202)
 
 
@@ -651,10 +674,10 @@ def list_access(
     user: str,
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> dict[str, Any]:
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
-    inst = _ready_instance(request, ctx, instance_id)
-    return {"databases": _guest_call(_cp(request), inst, "list_access", name=name, host=host)}
+    t.rules.validate_user_name(name, _reserved(request))
+    return {"databases": _guest_call(_cp(request), t.inst, "list_access", name=name, host=host)}
 
 
 @router.put("/instances/{instance_id}/users/{user}/databases", status_code=202)
@@ -666,13 +689,13 @@ def grant_access(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
+    t.rules.validate_user_name(name, _reserved(request))
     dbs = [d.name for d in body.databases]
     for db in dbs:
-        mysql_rules.validate_database({"name": db})
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "grant_access", name=name, host=host, databases=dbs)
+        t.rules.validate_database({"name": db})
+    _guest_call(_cp(request), t.inst, "grant_access", name=name, host=host, databases=dbs)
     return Response(status_code=202)
 
 
@@ -685,11 +708,11 @@ def revoke_access(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.DATABASES)
     name, host = _split_user(user)
-    mysql_rules.validate_user_name(name, _reserved(request))
-    mysql_rules.validate_database({"name": database})
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(_cp(request), inst, "revoke_access", name=name, host=host, database=database)
+    t.rules.validate_user_name(name, _reserved(request))
+    t.rules.validate_database({"name": database})
+    _guest_call(_cp(request), t.inst, "revoke_access", name=name, host=host, database=database)
     return Response(status_code=202)
 
 
@@ -717,15 +740,15 @@ def root_enable(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> dict[str, Any]:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.ROOT)
     cp = _cp(request)
     password = body.password if body else None
     if password is not None:
-        mysql_rules.validate_password(password)
-    inst = _ready_instance(request, ctx, instance_id)
-    user = _guest_call(cp, inst, "enable_root", password=password)
+        t.rules.validate_password(password)
+    user = _guest_call(cp, t.inst, "enable_root", password=password)
     with transaction(cp.session_factory) as session:
-        if session.get(RootEnabledHistory, inst.id) is None:
-            session.add(RootEnabledHistory(instance_id=inst.id, user=ctx.auth.user_id))
+        if session.get(RootEnabledHistory, t.inst.id) is None:
+            session.add(RootEnabledHistory(instance_id=t.inst.id, user=ctx.auth.user_id))
     return {"user": user}
 
 
@@ -736,15 +759,14 @@ def root_disable(
     ctx: RequestContext = Depends(get_context),  # noqa: B008
 ) -> Response:
     _write_allowed(ctx)
+    t = _target(request, ctx, instance_id, Capability.ROOT)
     cp = _cp(request)
     with cp.session_factory() as session:
-        inst = _load(session, ctx, instance_id)
-        if session.get(RootEnabledHistory, inst.id) is None:
-            raise RootHistoryNotFound(f"Root was never enabled on instance {inst.id}.")
-    inst = _ready_instance(request, ctx, instance_id)
-    _guest_call(cp, inst, "disable_root")
+        if session.get(RootEnabledHistory, t.inst.id) is None:
+            raise RootHistoryNotFound(f"Root was never enabled on instance {t.inst.id}.")
+    _guest_call(cp, t.inst, "disable_root")
     with transaction(cp.session_factory) as session:
-        history = session.get(RootEnabledHistory, inst.id)
+        history = session.get(RootEnabledHistory, t.inst.id)
         if history is not None:
             session.delete(history)
     return Response(status_code=204)

@@ -174,6 +174,8 @@ class Datastore(ABC):
 
     manager: ClassVar[str]
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: Why a capability is missing, shown to users who ask for it (e.g. Redis databases).
+    capability_notes: ClassVar[dict[Capability, str]] = {}
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
