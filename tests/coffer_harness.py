@@ -223,3 +223,73 @@ def coffer_environment(**extra_env: str) -> Iterator[Coffer]:
         leftover = processes_under(state)
         shutil.rmtree(state, ignore_errors=True)
         assert not leftover, f"processes left running: {leftover}"
+
+
+class TenantApi:
+    """A tenant's HTTP view of a running Coffer: a token, its project, and the usual waits."""
+
+    def __init__(self, coffer: Coffer, user: str = "demo", project: str = "demo") -> None:
+        self.coffer = coffer
+        self.token, self.project = coffer.token(user, project)
+
+    def url(self, path: str, project: str | None = None) -> str:
+        return f"{self.coffer.base_url}/v1.0/{project or self.project}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        project: str | None = None,
+        token: str | None = "",
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """``token=None`` sends no token; ``""`` (default) sends this tenant's."""
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["X-Auth-Token"] = token or self.token
+        return httpx.request(method, self.url(path, project), headers=headers, timeout=30, **kwargs)
+
+    def show(self, instance_id: str) -> dict[str, Any]:
+        resp = self.request("GET", f"/instances/{instance_id}")
+        assert resp.status_code == 200, resp.text
+        instance: dict[str, Any] = resp.json()["instance"]
+        return instance
+
+    def create(self, **instance: Any) -> str:
+        """POST /instances with ``instance`` as the body's instance; returns the new id."""
+        resp = self.request("POST", "/instances", json={"instance": instance})
+        assert resp.status_code == 200, resp.text
+        instance_id: str = resp.json()["instance"]["id"]
+        return instance_id
+
+    def wait_settled(self, instance_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Poll until the instance leaves BUILD; return its last view."""
+        deadline = time.monotonic() + timeout
+        shown = self.show(instance_id)
+        while shown["status"] == "BUILD" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            shown = self.show(instance_id)
+        return shown
+
+    def delete_and_wait_gone(self, instance_id: str, timeout: float = 60) -> None:
+        resp = self.request("DELETE", f"/instances/{instance_id}")
+        assert resp.status_code == 202, resp.text
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.request("GET", f"/instances/{instance_id}").status_code == 404:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"instance {instance_id} still exists {timeout}s after delete")
+
+
+def mariadb_instance(name: str, database: str, user: str, password: str) -> dict[str, Any]:
+    """The body of a small MariaDB instance with one database and one user granted on it."""
+    return {
+        "name": name,
+        "flavorRef": "6",
+        "volume": {"size": 1},
+        "datastore": {"type": "mariadb"},
+        "databases": [{"name": database}],
+        "users": [{"name": user, "password": password, "databases": [{"name": database}]}],
+    }

@@ -3,18 +3,16 @@ lifecycle through ``coffer up`` configured with a PostgreSQL URL."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import psycopg
 import pymysql
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from coffer_harness import coffer_environment
+from coffer_harness import TenantApi, coffer_environment, mariadb_instance
 
 from coffer.db import migrate
 from coffer.db.models import Base
@@ -75,41 +73,14 @@ def test_instance_lifecycle_with_postgresql_control_db(pg_url: str, engine_user:
         coffer.start("up", "up")
         coffer.wait_api()
         assert not (coffer.state_dir / "coffer.db").exists(), "SQLite must not be used"
-        token, project = coffer.token()
-        api = f"{coffer.base_url}/v1.0/{project}"
-        headers = {"X-Auth-Token": token}
-        body = {
-            "instance": {
-                "name": "on-pg",
-                "flavorRef": "6",
-                "volume": {"size": 1},
-                "datastore": {"type": "mariadb"},
-                "databases": [{"name": "d1"}],
-                "users": [{"name": "u1", "password": "pw-u1", "databases": [{"name": "d1"}]}],
-            }
-        }
-        resp = httpx.post(f"{api}/instances", json=body, headers=headers, timeout=30)
-        assert resp.status_code == 200, resp.text
-        instance_id = resp.json()["instance"]["id"]
-        deadline = time.monotonic() + 120
-        shown: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-            if shown["status"] != "BUILD":
-                break
-            time.sleep(0.2)
+        api = TenantApi(coffer)
+        instance_id = api.create(**mariadb_instance("on-pg", "d1", "u1", "pw-u1"))
+        shown = api.wait_settled(instance_id)
         assert shown["status"] == "ACTIVE", shown
-        conn = pymysql.connect(
+        pymysql.connect(
             host=shown["addresses"][0]["address"], user="u1", password="pw-u1", database="d1"
-        )
-        conn.close()
+        ).close()
         with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as pg:
             row = pg.execute("select task from instances where id = %s", (instance_id,)).fetchone()
         assert row == ("none",)
-        assert httpx.delete(f"{api}/instances/{instance_id}", headers=headers).status_code == 202
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if httpx.get(f"{api}/instances/{instance_id}", headers=headers).status_code == 404:
-                break
-            time.sleep(0.2)
-        assert httpx.get(f"{api}/instances/{instance_id}", headers=headers).status_code == 404
+        api.delete_and_wait_gone(instance_id)

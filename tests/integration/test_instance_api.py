@@ -14,32 +14,9 @@ from typing import Any
 import httpx
 import pymysql
 import pytest
-from coffer_harness import VENV_BIN, Coffer, processes_under
+from coffer_harness import VENV_BIN, Coffer, TenantApi, processes_under
 
 pytestmark = pytest.mark.integration
-
-
-class Api:
-    def __init__(self, coffer: Coffer, user: str = "demo", project: str = "demo") -> None:
-        self.coffer = coffer
-        self.token, self.project = coffer.token(user, project)
-
-    def url(self, path: str, project: str | None = None) -> str:
-        return f"{self.coffer.base_url}/v1.0/{project or self.project}{path}"
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        project: str | None = None,
-        token: str | None = "",
-        **kwargs: Any,
-    ) -> httpx.Response:
-        headers = dict(kwargs.pop("headers", {}))
-        if token is not None:
-            headers["X-Auth-Token"] = token or self.token
-        return httpx.request(method, self.url(path, project), headers=headers, timeout=30, **kwargs)
 
 
 def _counts(coffer: Coffer) -> tuple[int, int]:
@@ -63,8 +40,8 @@ def _create_body(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def ready(coffer_up: Coffer) -> Iterator[tuple[Api, str]]:
-    api = Api(coffer_up)
+def ready(coffer_up: Coffer) -> Iterator[tuple[TenantApi, str]]:
+    api = TenantApi(coffer_up)
     resp = api.request("POST", "/instances", json=_create_body())
     assert resp.status_code == 200, resp.text
     instance_id = resp.json()["instance"]["id"]
@@ -106,7 +83,7 @@ BAD_CREATES = [
 def test_bad_create_is_refused_and_changes_nothing(
     coffer_up: Coffer, override: dict[str, Any], status: int, phrase: str
 ) -> None:
-    api = Api(coffer_up)
+    api = TenantApi(coffer_up)
     before = _counts(coffer_up)
     resp = api.request("POST", "/instances", json=_create_body(**override))
     assert resp.status_code == status, resp.text
@@ -119,7 +96,7 @@ def test_bad_create_is_refused_and_changes_nothing(
 
 
 def test_malformed_bodies(coffer_up: Coffer) -> None:
-    api = Api(coffer_up)
+    api = TenantApi(coffer_up)
     before = _counts(coffer_up)
     resp = api.request(
         "POST", "/instances", content=b"{not json", headers={"Content-Type": "application/json"}
@@ -133,8 +110,8 @@ def test_malformed_bodies(coffer_up: Coffer) -> None:
 
 
 def test_authentication_and_project_scope(coffer_up: Coffer) -> None:
-    api = Api(coffer_up)
-    admin = Api(coffer_up, "admin", "admin")
+    api = TenantApi(coffer_up)
+    admin = TenantApi(coffer_up, "admin", "admin")
     resp = api.request("GET", "/instances", token=None)
     assert resp.status_code == 401
     assert resp.json()["unauthorized"]["code"] == 401
@@ -148,7 +125,9 @@ def test_authentication_and_project_scope(coffer_up: Coffer) -> None:
     assert _counts(coffer_up) == before
 
 
-def test_duplicate_user_and_foreign_instance(ready: tuple[Api, str], coffer_up: Coffer) -> None:
+def test_duplicate_user_and_foreign_instance(
+    ready: tuple[TenantApi, str], coffer_up: Coffer
+) -> None:
     api, instance_id = ready
     resp = api.request(
         "POST",
@@ -164,7 +143,7 @@ def test_duplicate_user_and_foreign_instance(ready: tuple[Api, str], coffer_up: 
     conn.close()
 
     # Admins may look across projects...
-    admin = Api(coffer_up, "admin", "admin")
+    admin = TenantApi(coffer_up, "admin", "admin")
     resp = httpx.get(
         f"{coffer_up.base_url}/v1.0/{admin.project}/instances/{instance_id}",
         headers={"X-Auth-Token": admin.token},
@@ -222,7 +201,7 @@ def test_duplicate_user_and_foreign_instance(ready: tuple[Api, str], coffer_up: 
     assert api.request("GET", f"/instances/{instance_id}").json()["instance"]["status"] == "ACTIVE"
 
 
-def test_database_calls_on_a_building_instance_are_422(ready: tuple[Api, str]) -> None:
+def test_database_calls_on_a_building_instance_are_422(ready: tuple[TenantApi, str]) -> None:
     api, _ = ready
     resp = api.request("POST", "/instances", json=_create_body(name="still-building"))
     assert resp.status_code == 200
@@ -236,10 +215,10 @@ def test_database_calls_on_a_building_instance_are_422(ready: tuple[Api, str]) -
 
 
 def test_engine_stop_shows_shutdown_and_reboot_recovers(
-    ready: tuple[Api, str], coffer_up: Coffer
+    ready: tuple[TenantApi, str], coffer_up: Coffer
 ) -> None:
     api, instance_id = ready
-    admin = Api(coffer_up, "admin", "admin")
+    admin = TenantApi(coffer_up, "admin", "admin")
 
     def shown() -> dict[str, Any]:
         resp = api.request("GET", f"/instances/{instance_id}")
@@ -278,7 +257,7 @@ def test_engine_stop_shows_shutdown_and_reboot_recovers(
 
 
 def test_a_crashed_engine_is_restarted_by_its_agent(
-    ready: tuple[Api, str], coffer_up: Coffer
+    ready: tuple[TenantApi, str], coffer_up: Coffer
 ) -> None:
     api, instance_id = ready
     volume = coffer_up.state_dir / "instances" / instance_id

@@ -1,17 +1,24 @@
-"""A taskmanager killed in the middle of a create is replaced and the instance ends ACTIVE (or
-ERROR with a fault), never stuck in BUILD; delete then leaves nothing behind."""
+"""Crashes never strand an instance: a taskmanager killed mid-create is replaced and the instance
+ends ACTIVE (or ERROR with a fault), never stuck in BUILD; an engine that cannot start ends in
+ERROR with the reason; a stopped ``coffer up`` leaves instances serving and finds them again."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 
-import httpx
 import pymysql
 import pytest
-from coffer_harness import Coffer, coffer_environment, processes_under
+from coffer_harness import (
+    Coffer,
+    TenantApi,
+    coffer_environment,
+    mariadb_instance,
+    processes_under,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,137 +33,88 @@ def services(engine_user: str) -> Iterator[Coffer]:
         yield coffer
 
 
-def _step(coffer: Coffer, instance_id: str) -> tuple[str, str] | None:
+def _db(coffer: Coffer, sql: str, *args: str) -> list[tuple]:
     with sqlite3.connect(coffer.state_dir / "coffer.db") as conn:
-        row = conn.execute(
-            "select state, step from operations where instance_id = ? and kind = ?",
-            (instance_id, "create_instance"),
-        ).fetchone()
-    return (row[0], row[1]) if row else None
+        return conn.execute(sql, args).fetchall()
 
 
-def _wait_for_step(coffer: Coffer, instance_id: str, steps: set[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = _step(coffer, instance_id)
-        if current and current[1] in steps:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"operation never reached {steps}: {_step(coffer, instance_id)}")
+def _create_step(coffer: Coffer, instance_id: str) -> tuple[str, str] | None:
+    rows = _db(
+        coffer,
+        "select state, step from operations where instance_id = ? and kind = 'create_instance'",
+        instance_id,
+    )
+    return rows[0] if rows else None
+
+
+def _engines(volume: object) -> list[int]:
+    found = []
+    for pid in processes_under(volume):  # type: ignore[arg-type]
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"mariadbd" in fh.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 @pytest.mark.parametrize("kill_at", ["create_server", "prepare"])
 def test_taskmanager_killed_during_create(services: Coffer, kill_at: str) -> None:
     coffer = services
-    token, project = coffer.token()
-    api = f"{coffer.base_url}/v1.0/{project}"
-    headers = {"X-Auth-Token": token}
-    body = {
-        "instance": {
-            "name": "survivor",
-            "flavorRef": "6",
-            "volume": {"size": 1},
-            "datastore": {"type": "mariadb"},
-            "databases": [{"name": "keep"}],
-            "users": [{"name": "u1", "password": "p1-secret", "databases": [{"name": "keep"}]}],
-        }
-    }
-    resp = httpx.post(f"{api}/instances", json=body, headers=headers, timeout=30)
-    assert resp.status_code == 200, resp.text
-    instance_id = resp.json()["instance"]["id"]
+    api = TenantApi(coffer)
+    instance_id = api.create(**mariadb_instance("survivor", "keep", "u1", "p1-secret"))
 
-    _wait_for_step(coffer, instance_id, {kill_at})
+    deadline = time.monotonic() + 60
+    while (_create_step(coffer, instance_id) or ("", ""))[1] != kill_at:
+        assert time.monotonic() < deadline, _create_step(coffer, instance_id)
+        time.sleep(0.01)
     coffer.stop("taskmanager", sig=signal.SIGKILL)
-    shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-    assert shown["status"] == "BUILD"
+    assert api.show(instance_id)["status"] == "BUILD"
 
     coffer.start("taskmanager", "taskmanager")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-        if shown["status"] != "BUILD":
-            break
-        time.sleep(0.2)
+    shown = api.wait_settled(instance_id)
     assert shown["status"] in ("ACTIVE", "ERROR"), shown
     if shown["status"] == "ERROR":
         assert shown["fault"]["message"], "an ERROR instance must say why"
     else:
         assert shown["operating_status"] == "HEALTHY"
-        address = shown["addresses"][0]["address"]
-        conn = pymysql.connect(host=address, user="u1", password="p1-secret", database="keep")
-        conn.close()
-    assert _step(coffer, instance_id) == ("done", "done") or shown["status"] == "ERROR"
+        assert _create_step(coffer, instance_id) == ("done", "done")
+        pymysql.connect(
+            host=shown["addresses"][0]["address"], user="u1", password="p1-secret", database="keep"
+        ).close()
     assert "p1-secret" not in coffer.log("taskmanager") + coffer.log("api")
 
-    # Exactly one supervisor and one engine for this instance, whatever the crash did.
+    # Exactly one engine for this instance, whatever the crash did.
     volume = coffer.state_dir / "instances" / instance_id
-    engines = [p for p in processes_under(volume) if "mariadbd" in _cmd(p)]
-    assert len(engines) == 1
+    assert len(_engines(volume)) == 1
 
-    assert httpx.delete(f"{api}/instances/{instance_id}", headers=headers).status_code == 202
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if httpx.get(f"{api}/instances/{instance_id}", headers=headers).status_code == 404:
-            break
-        time.sleep(0.2)
-    assert httpx.get(f"{api}/instances/{instance_id}", headers=headers).status_code == 404
+    api.delete_and_wait_gone(instance_id)
     assert not volume.exists()
     assert processes_under(volume) == []
-    with sqlite3.connect(coffer.state_dir / "coffer.db") as conn:
-        assert conn.execute("select count(*) from address_allocations").fetchone()[0] == 0
-        deleted = conn.execute(
-            "select deleted from instances where id = ?", (instance_id,)
-        ).fetchone()
-    assert deleted == (1,)
-
-
-def _cmd(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    assert _db(coffer, "select count(*) from address_allocations") == [(0,)]
+    assert _db(coffer, "select deleted from instances where id = ?", instance_id) == [(1,)]
 
 
 def test_a_create_that_cannot_succeed_ends_in_error_with_a_fault(services: Coffer) -> None:
     """An instance whose engine cannot start goes to ERROR with the reason, not BUILD forever."""
     coffer = services
-    token, project = coffer.token()
-    api = f"{coffer.base_url}/v1.0/{project}"
-    headers = {"X-Auth-Token": token}
+    api = TenantApi(coffer)
     # Occupy the address the next instance will get, so its engine cannot bind.
-    import socket
-
-    with sqlite3.connect(coffer.state_dir / "coffer.db") as conn:
-        used = {r[0] for r in conn.execute("select address from address_allocations")}
+    used = {row[0] for row in _db(coffer, "select address from address_allocations")}
     pool = coffer.env["COFFER_COMPUTE__PRIVATE_POOL"].rsplit(".", 1)[0]
     address = next(f"{pool}.{n}" for n in range(1, 255) if f"{pool}.{n}" not in used)
-    blocker = socket.socket()
-    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    blocker.bind((address, 3306))
-    blocker.listen()
-    try:
-        body = {
-            "instance": {
-                "name": "doomed",
-                "flavorRef": "6",
-                "volume": {"size": 1},
-                "datastore": {"type": "mariadb"},
-            }
-        }
-        resp = httpx.post(f"{api}/instances", json=body, headers=headers, timeout=30)
-        instance_id = resp.json()["instance"]["id"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-            if shown["status"] != "BUILD":
-                break
-            time.sleep(0.2)
-        assert shown["status"] == "ERROR", shown
-        assert shown["fault"]["message"]
-    finally:
-        blocker.close()
-    assert httpx.delete(f"{api}/instances/{instance_id}", headers=headers).status_code == 202
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind((address, 3306))
+        blocker.listen()
+        instance_id = api.create(
+            name="doomed", flavorRef="6", volume={"size": 1}, datastore={"type": "mariadb"}
+        )
+        shown = api.wait_settled(instance_id)
+    assert shown["status"] == "ERROR", shown
+    assert shown["fault"]["message"]
+    api.delete_and_wait_gone(instance_id)
 
 
 def test_instances_survive_coffer_up_restart(engine_user: str) -> None:
@@ -164,23 +122,9 @@ def test_instances_survive_coffer_up_restart(engine_user: str) -> None:
     with coffer_environment() as coffer:
         coffer.start("up", "up")
         coffer.wait_api()
-        token, project = coffer.token()
-        api = f"{coffer.base_url}/v1.0/{project}"
-        headers = {"X-Auth-Token": token}
-        body = {
-            "instance": {
-                "name": "durable",
-                "flavorRef": "6",
-                "volume": {"size": 1},
-                "datastore": {"type": "mariadb"},
-                "databases": [{"name": "dd"}],
-                "users": [{"name": "u", "password": "pw-durable", "databases": [{"name": "dd"}]}],
-            }
-        }
-        resp = httpx.post(f"{api}/instances", json=body, headers=headers)
-        assert resp.status_code == 200, resp.text
-        instance_id = resp.json()["instance"]["id"]
-        shown = _wait_not_build(api, headers, instance_id)
+        api = TenantApi(coffer)
+        instance_id = api.create(**mariadb_instance("durable", "dd", "u", "pw-durable"))
+        shown = api.wait_settled(instance_id)
         assert shown["status"] == "ACTIVE"
         address = shown["addresses"][0]["address"]
 
@@ -195,14 +139,12 @@ def test_instances_survive_coffer_up_restart(engine_user: str) -> None:
 
         coffer.start("up", "up")
         coffer.wait_api()
-        token, _ = coffer.token()
-        headers = {"X-Auth-Token": token}
-        shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-        assert shown["status"] == "ACTIVE"
+        api = TenantApi(coffer)
+        assert api.show(instance_id)["status"] == "ACTIVE"
         # Its guest reconnects to the new bus and answers calls again.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            resp = httpx.get(f"{api}/instances/{instance_id}/users", headers=headers, timeout=30)
+            resp = api.request("GET", f"/instances/{instance_id}/users")
             if resp.status_code == 200:
                 break
             time.sleep(0.5)
@@ -214,26 +156,10 @@ def test_instances_survive_coffer_up_restart(engine_user: str) -> None:
             assert cur.fetchall() == ((42,),)
 
         # reset_status is for admins; it un-sticks the task and keeps the instance.
-        resp = httpx.post(
-            f"{api}/instances/{instance_id}/action", json={"reset_status": {}}, headers=headers
-        )
+        reset = {"reset_status": {}}
+        resp = api.request("POST", f"/instances/{instance_id}/action", json=reset)
         assert resp.status_code == 403
-        admin_token, admin_project = coffer.token("admin", "admin")
-        resp = httpx.post(
-            f"{coffer.base_url}/v1.0/{admin_project}/instances/{instance_id}/action",
-            json={"reset_status": {}},
-            headers={"X-Auth-Token": admin_token},
-        )
+        admin = TenantApi(coffer, "admin", "admin")
+        resp = admin.request("POST", f"/instances/{instance_id}/action", json=reset)
         assert resp.status_code == 202, resp.text
-        assert _wait_not_build(api, headers, instance_id)["status"] == "ACTIVE"
-
-
-def _wait_not_build(api: str, headers: dict[str, str], instance_id: str) -> dict:
-    deadline = time.monotonic() + 120
-    shown: dict = {}
-    while time.monotonic() < deadline:
-        shown = httpx.get(f"{api}/instances/{instance_id}", headers=headers).json()["instance"]
-        if shown["status"] != "BUILD":
-            return shown
-        time.sleep(0.2)
-    return shown
+        assert api.wait_settled(instance_id)["status"] == "ACTIVE"
