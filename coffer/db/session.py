@@ -10,6 +10,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
+#: Execution option marking a session's transaction as one that writes (see ``transaction``).
+WRITE_OPTION = "coffer_write"
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine with the settings each backend needs to be safe under concurrency."""
     if url.startswith("sqlite"):
@@ -30,8 +34,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            # Take the write lock at BEGIN so read-then-write transactions cannot deadlock.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write transaction takes the write lock at BEGIN so read-then-write cannot
+            # deadlock; reads begin deferred and run beside writers (WAL).
+            if conn.get_execution_options().get(WRITE_OPTION):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
@@ -43,9 +51,13 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any exception."""
+    """A session for writing: commits on success, rolls back on any exception.
+
+    Plain ``factory()`` sessions are for reading; everything that writes goes through here.
+    """
     session = factory()
     try:
+        session.connection(execution_options={WRITE_OPTION: True})
         yield session
         session.commit()
     except BaseException:
