@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from coffer.errors import ConfigError
@@ -64,10 +64,20 @@ class DefaultSection(_Section):
         description="File with the 32-byte master key (base64) that wraps per-instance keys. "
         "Default: <state_dir>/master.key, created on first start with mode 0600.",
     )
-    max_instances_per_tenant: int = Field(10, ge=-1)
-    max_ram_per_tenant: int = Field(-1, ge=-1)
-    max_volumes_per_tenant: int = Field(40, ge=-1)
-    max_backups_per_tenant: int = Field(50, ge=-1)
+    max_instances_per_tenant: int = Field(
+        10, ge=-1, description="Default quota: instances per project (-1: unlimited)."
+    )
+    max_ram_per_tenant: int = Field(
+        -1,
+        ge=-1,
+        description="Default quota: RAM (MB) of all instances per project (-1: unlimited).",
+    )
+    max_volumes_per_tenant: int = Field(
+        40, ge=-1, description="Default quota: volume GB per project (-1: unlimited)."
+    )
+    max_backups_per_tenant: int = Field(
+        50, ge=-1, description="Default quota: backups per project (-1: unlimited)."
+    )
     max_accepted_volume_size: int = Field(10, ge=1, description="Largest volume (GB) accepted.")
     agent_heartbeat_expiry: int = Field(
         90, ge=5, description="Seconds without a heartbeat before a guest is treated as gone."
@@ -84,6 +94,30 @@ class DefaultSection(_Section):
     databases_page_size: int = Field(20, ge=1, le=1000)
     users_page_size: int = Field(20, ge=1, le=1000)
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    policy_file: Path | None = Field(
+        None,
+        description="YAML file overriding API policy rules (`coffer manage policy sample` prints "
+        "the defaults). Default: <state_dir>/policy.yaml when that file exists.",
+    )
+    http_get_rate: int = Field(
+        200, ge=0, description="GET requests per minute allowed per project (0: no limit)."
+    )
+    http_post_rate: int = Field(
+        200, ge=0, description="POST requests per minute allowed per project (0: no limit)."
+    )
+    http_put_rate: int = Field(
+        200,
+        ge=0,
+        description="PUT and PATCH requests per minute allowed per project (0: no limit).",
+    )
+    http_delete_rate: int = Field(
+        200, ge=0, description="DELETE requests per minute allowed per project (0: no limit)."
+    )
+    http_mgmt_post_rate: int = Field(
+        200,
+        ge=0,
+        description="POST requests to /mgmt per minute allowed per project (0: no limit).",
+    )
 
 
 class DatabaseSection(_Section):
@@ -125,11 +159,126 @@ class IdentitySection(_Section):
     demo_user: str = Field("demo")
 
 
+_URL_PATTERN = r"^https?://[^\s/]+"
+
+
+class KeystoneAuthtokenSection(_Section):
+    """``[keystone_authtoken]``: validate tokens with an external Keystone (keystonemiddleware).
+
+    Option names and meanings are keystonemiddleware's, so a Trove ``[keystone_authtoken]``
+    section can be copied in. Setting ``auth_url`` switches Coffer to the external Keystone: the
+    embedded identity routes are then not served.
+    """
+
+    www_authenticate_uri: str | None = Field(
+        None,
+        pattern=_URL_PATTERN,
+        description="Public Keystone URL clients authenticate against (e.g. "
+        "http://keystone:5000/v3); shown by 'coffer up' and in WWW-Authenticate. "
+        "Default: discovered from the catalog.",
+    )
+    auth_url: str | None = Field(
+        None,
+        pattern=_URL_PATTERN,
+        description="Keystone URL for Coffer's own service credentials. Setting it turns on "
+        "external Keystone mode.",
+    )
+    auth_type: str = Field(
+        "password",
+        pattern="^(v3)?password$",
+        description="keystoneauth plugin for the service credentials ('password' or "
+        "'v3password').",
+    )
+    username: str | None = Field(None, description="Coffer's service user in Keystone.")
+    password: SecretStr | None = Field(
+        None,
+        description="That user's password (prefer COFFER_KEYSTONE_AUTHTOKEN__PASSWORD to "
+        "keep it out of the file).",
+    )
+    project_name: str | None = Field(
+        None, description="Project the service user's token is scoped to (usually 'service')."
+    )
+    user_domain_name: str | None = Field("Default", description="Domain of the service user.")
+    user_domain_id: str | None = Field(None, description="Domain id of the service user.")
+    project_domain_name: str | None = Field(
+        "Default", description="Domain of the service project."
+    )
+    project_domain_id: str | None = Field(None, description="Domain id of the service project.")
+    region_name: str | None = Field(
+        None, description="Region of the identity endpoint used to validate tokens."
+    )
+    interface: str = Field(
+        "internal",
+        pattern="^(public|internal|admin)$",
+        description="Which identity endpoint of the catalog validates tokens.",
+    )
+    service_type: str = Field(
+        "database",
+        description="This service's type in the catalog; application credentials with access "
+        "rules are checked against it.",
+    )
+    cafile: Path | None = Field(None, description="CA bundle for HTTPS to Keystone.")
+    certfile: Path | None = Field(None, description="Client certificate for HTTPS to Keystone.")
+    keyfile: Path | None = Field(None, description="Client key for HTTPS to Keystone.")
+    insecure: bool = Field(False, description="Skip TLS verification of Keystone (tests only).")
+    http_connect_timeout: int | None = Field(
+        None, ge=1, description="Seconds to wait for Keystone to answer."
+    )
+    http_request_max_retries: int = Field(
+        3, ge=0, description="Times to retry a failed connection to Keystone."
+    )
+    token_cache_time: int = Field(
+        300,
+        ge=-1,
+        description="Seconds a validated token is cached before Keystone is asked again "
+        "(-1: no cache). A revoked token stays usable for at most this long.",
+    )
+    memcached_servers: str | None = Field(
+        None,
+        description="Comma-separated host:port list of memcached servers for the token cache. "
+        "Default: an in-process cache.",
+    )
+    memcache_security_strategy: str = Field(
+        "None",
+        pattern="^(None|MAC|ENCRYPT)$",
+        description="Protect cached tokens in memcached: None, MAC or ENCRYPT.",
+    )
+    memcache_secret_key: SecretStr | None = Field(
+        None, description="Key for memcache_security_strategy MAC or ENCRYPT."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when tokens are validated by an external Keystone instead of the embedded one."""
+        return self.auth_url is not None
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> KeystoneAuthtokenSection:
+        if self.enabled:
+            missing = [
+                name
+                for name in ("username", "password", "project_name")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(
+                    f"auth_url is set, so Coffer validates tokens with Keystone and needs its "
+                    f"service credentials: set {', '.join(missing)}"
+                )
+        if self.memcache_security_strategy != "None" and not self.memcache_secret_key:
+            raise ValueError(
+                f"memcache_security_strategy is {self.memcache_security_strategy}: set "
+                "memcache_secret_key too"
+            )
+        return self
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "DEFAULT": DefaultSection,
     "database": DatabaseSection,
     "compute": ComputeSection,
     "identity": IdentitySection,
+    "keystone_authtoken": KeystoneAuthtokenSection,
 }
 
 
@@ -142,6 +291,9 @@ class Settings(BaseModel):
     database: DatabaseSection
     compute: ComputeSection
     identity: IdentitySection
+    keystone_authtoken: KeystoneAuthtokenSection = Field(
+        default_factory=KeystoneAuthtokenSection
+    )
 
     # -- derived values ----------------------------------------------------------------------
 

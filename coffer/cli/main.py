@@ -102,6 +102,8 @@ def api(config: str | None) -> None:
     cp = start_control_plane(settings, bootstrap_first=True)
     try:
         serve_api(cp)
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
     finally:
         cp.close()
 

@@ -206,3 +206,100 @@ def config_reference() -> None:
     from coffer.config import options_markdown
 
     click.echo(options_markdown(), nl=False)
+
+
+# --- policy and quotas -------------------------------------------------------------------------
+
+
+@manage.group()
+def policy() -> None:
+    """API policy rules: the defaults, and checking an operator's policy file."""
+
+
+@policy.command("sample")
+@click.option(
+    "--uncommented",
+    is_flag=True,
+    help="Write every rule active, not commented out (the file then pins today's defaults).",
+)
+def policy_sample(uncommented: bool) -> None:
+    """Print every policy rule with its default as a policy.yaml (commented out)."""
+    from coffer.api.policy import sample_yaml
+
+    click.echo(sample_yaml(commented=not uncommented), nl=False)
+
+
+@policy.command("check")
+@config_option
+def policy_check(config: str | None) -> None:
+    """Check the policy file the API would load; list every problem."""
+    from coffer.api.policy import load_policy, policy_path
+
+    settings = _settings(config)
+    try:
+        loaded = load_policy(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    path = policy_path(settings)
+    if path is None:
+        click.echo("no policy file; the default rules apply")
+    else:
+        changed = ", ".join(sorted(loaded.overridden)) or "none"
+        click.echo(f"{path} is valid; rules it sets: {changed}")
+
+
+def _project_id(cp: Any, project: str) -> str:
+    """A project given by id or (embedded identity) by name; unknown ones pass as ids, since an
+    external Keystone's projects are not in the control DB."""
+    from sqlalchemy import select
+
+    from coffer.db.models import Project
+
+    with cp.session_factory() as session:
+        if session.get(Project, project) is not None:
+            return project
+        found = session.scalars(select(Project.id).where(Project.name == project)).first()
+    return found or project
+
+
+@manage.command("quota-show")
+@config_option
+@click.argument("project")
+def quota_show(config: str | None, project: str) -> None:
+    """Show a project's quotas and usage (PROJECT is an id or a name)."""
+    from coffer import quotas
+
+    cp = _control_plane(config)
+    try:
+        project_id = _project_id(cp, project)
+        with cp.session_factory() as session:
+            rows = quotas.usage_report(session, cp.settings, project_id)
+        click.echo(f"project {project_id}")
+        click.echo(f"{'resource':<12}{'in use':>10}{'limit':>10}")
+        for row in rows:
+            limit = "unlimited" if row["limit"] == quotas.UNLIMITED else row["limit"]
+            click.echo(f"{row['resource']:<12}{row['in_use']:>10}{limit:>10}")
+    finally:
+        cp.close()
+
+
+@manage.command("quota-set")
+@config_option
+@click.argument("project")
+@click.argument("resource")
+@click.argument("limit", type=click.IntRange(-1, None))
+def quota_set(config: str | None, project: str, resource: str, limit: int) -> None:
+    """Set a project's limit for RESOURCE (instances, ram, volumes, backups); -1: unlimited."""
+    from coffer import quotas
+    from coffer.db.session import transaction
+
+    cp = _control_plane(config)
+    try:
+        project_id = _project_id(cp, project)
+        with transaction(cp.session_factory) as session:
+            quotas.set_limits(session, cp.settings, project_id, {resource: limit})
+        click.echo(f"project {project_id}: {resource} limit is now {limit}")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()

@@ -10,6 +10,7 @@ from typing import Any
 import uvicorn
 
 from coffer.api.app import Services, create_app
+from coffer.api.policy import load_policy
 from coffer.cli.bootstrap import bootstrap, identity_service, write_clouds_yaml
 from coffer.compute.base import get_driver
 from coffer.conductor.service import Conductor
@@ -36,6 +37,8 @@ def make_server(cp: ControlPlane) -> uvicorn.Server:
         rpc=cp,
     )
     app = create_app(services)
+    # A bad policy.yaml stops the API here, with every problem listed, not at the first request.
+    app.state.coffer_policy = load_policy(cp.settings)
     config = uvicorn.Config(
         app,
         host=cp.settings.default.bind_host,
@@ -80,6 +83,7 @@ def _banner(cp: ControlPlane, creds: dict[str, str], clouds: list[Any]) -> str:
 
 
 def run_up(settings: Settings) -> None:
+    load_policy(settings)  # refuse a bad policy.yaml before anything starts
     cp = start_control_plane(settings, bootstrap_first=False)
     creds = bootstrap(cp)
     clouds = write_clouds_yaml(cp, creds)

@@ -261,3 +261,44 @@ class Operation(Base):
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deadline: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+# --- quotas (see ``coffer.quotas``) ------------------------------------------------------------
+
+
+class Quota(Base):
+    """A project's limit for one resource, set by an admin; absent rows take the configured
+    default (``max_<resource>_per_tenant``)."""
+
+    __tablename__ = "quotas"
+
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: -1 means unlimited.
+    hard_limit: Mapped[int] = mapped_column(BigInteger)
+    updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class QuotaUsage(Base):
+    """How much of one resource a project uses. Reservations lock these rows, so two creates
+    cannot both take the last unit."""
+
+    __tablename__ = "quota_usages"
+
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(32), primary_key=True)
+    in_use: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class QuotaCharge(Base):
+    """What one holder (an instance, a backup) has charged to its project's usage. Releasing
+    deletes these rows, so a second release of the same holder gives nothing back twice."""
+
+    __tablename__ = "quota_charges"
+
+    holder_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

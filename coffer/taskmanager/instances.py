@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+from coffer import quotas
 from coffer.bus import keys
 from coffer.compute.base import ComputeDriver, ServerSpec
 from coffer.controlplane import ControlPlane
@@ -169,6 +170,9 @@ class InstanceFlows:
             row.task_description = failure.message[:255]
             row.server_status = ServerStatus.ERROR
             record_fault(session, row.id, failure.message, failure.details)
+            # A create that failed gives its quota back with the state change, so a project is
+            # not held to instances that never ran; deleting it later releases nothing twice.
+            quotas.release(session, row.id)
 
     # -- delete ----------------------------------------------------------------------------------
 
@@ -191,6 +195,7 @@ class InstanceFlows:
             if status is not None:
                 status.status = ServiceStatus.DELETED
                 status.updated_at = utcnow()
+            quotas.release(session, ctx.instance_id)
         self.cp.forget_instance(ctx.instance_id)
         return NEXT
 

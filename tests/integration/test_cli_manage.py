@@ -102,3 +102,18 @@ def test_bad_config_is_refused_with_every_problem() -> None:
         assert proc.returncode != 0
         assert "bind_prot" in proc.stderr and "did you mean 'bind_port'" in proc.stderr
         assert not (coffer.state_dir / "coffer.db").exists(), "nothing may change on bad config"
+
+
+def test_bad_policy_file_stops_coffer_up_at_start() -> None:
+    with coffer_environment() as coffer:
+        (coffer.state_dir / "policy.yaml").write_text('"instance:craete": "role:admin"\n')
+        proc = subprocess.run(
+            [str(VENV_BIN / "coffer"), "up"],
+            env=coffer.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0
+        assert "instance:craete" in proc.stderr and "instance:create" in proc.stderr
+        assert "Coffer is up" not in proc.stdout

@@ -2,22 +2,25 @@
 ``/mgmt/datastore-versions`` that registers, edits and removes versions.
 
 Shapes follow Trove (``trove-api.md`` §1.8, §1.11, §2.7); the logic lives in ``coffer.catalog``.
+Each route names its policy rule in ``authorize("<rule>")`` (``coffer.api.policy``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from coffer import catalog
-from coffer.api.context import AdminContext, Context, ServicesDep
+from coffer.api.audit import AuditedRoute
+from coffer.api.context import RequestContext, ServicesDep
 from coffer.api.pagination import page_request, paginate
+from coffer.api.policy import authorize
 from coffer.db.models import DatastoreVersion
 from coffer.db.session import transaction
 
-router = APIRouter(prefix="/v1.0/{tenant_id}", tags=["catalogue"])
+router = APIRouter(prefix="/v1.0/{tenant_id}", tags=["catalogue"], route_class=AuditedRoute)
 
 
 class _Body(BaseModel):
@@ -66,14 +69,20 @@ def _version_id(version: DatastoreVersion) -> str:
 
 
 @router.get("/flavors", summary="List flavors")
-def list_flavors(ctx: Context, services: ServicesDep) -> dict[str, Any]:
+def list_flavors(
+    ctx: Annotated[RequestContext, Depends(authorize("flavor:index"))], services: ServicesDep
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         flavors = catalog.list_flavors(session)
         return {"flavors": [catalog.flavor_view(f, ctx.project_url) for f in flavors]}
 
 
 @router.get("/flavors/{flavor_id}", summary="Show a flavor (by id)")
-def show_flavor(flavor_id: str, ctx: Context, services: ServicesDep) -> dict[str, Any]:
+def show_flavor(
+    flavor_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("flavor:show"))],
+    services: ServicesDep,
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         flavor = catalog.find_flavor(session, flavor_id)
         return {"flavor": catalog.flavor_view(flavor, ctx.project_url)}
@@ -83,7 +92,9 @@ def show_flavor(flavor_id: str, ctx: Context, services: ServicesDep) -> dict[str
 
 
 @router.get("/datastores", summary="List datastores")
-def list_datastores(ctx: Context, services: ServicesDep) -> dict[str, Any]:
+def list_datastores(
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:index"))], services: ServicesDep
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         pairs = catalog.visible_datastores(session, ctx.is_admin)
         return {
@@ -96,7 +107,11 @@ def list_datastores(ctx: Context, services: ServicesDep) -> dict[str, Any]:
 
 # Declared before /datastores/{datastore}/... so "versions" is never taken for a datastore name.
 @router.get("/datastores/versions/{version_id}", summary="Show a datastore version by id")
-def show_version_by_id(version_id: str, ctx: Context, services: ServicesDep) -> dict[str, Any]:
+def show_version_by_id(
+    version_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:version_show_by_uuid"))],
+    services: ServicesDep,
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         version = catalog.find_version_by_id(session, version_id, admin=ctx.is_admin)
         ds = catalog.datastore_of(session, version)
@@ -104,7 +119,11 @@ def show_version_by_id(version_id: str, ctx: Context, services: ServicesDep) -> 
 
 
 @router.get("/datastores/{datastore}", summary="Show a datastore (id or name)")
-def show_datastore(datastore: str, ctx: Context, services: ServicesDep) -> dict[str, Any]:
+def show_datastore(
+    datastore: str,
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:show"))],
+    services: ServicesDep,
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         ds = catalog.find_datastore(session, datastore, admin=ctx.is_admin)
         versions = catalog.versions_of(session, ds, ctx.is_admin)
@@ -113,7 +132,10 @@ def show_datastore(datastore: str, ctx: Context, services: ServicesDep) -> dict[
 
 @router.get("/datastores/{datastore}/versions", summary="List a datastore's versions")
 def list_versions(
-    datastore: str, request: Request, ctx: Context, services: ServicesDep
+    datastore: str,
+    request: Request,
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:version_index"))],
+    services: ServicesDep,
 ) -> dict[str, Any]:
     page_req = page_request(request)
     with transaction(services.session_factory) as session:
@@ -129,7 +151,10 @@ def list_versions(
 
 @router.get("/datastores/{datastore}/versions/{version}", summary="Show a version (id or name)")
 def show_version(
-    datastore: str, version: str, ctx: Context, services: ServicesDep
+    datastore: str,
+    version: str,
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:version_show"))],
+    services: ServicesDep,
 ) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         ds = catalog.find_datastore(session, datastore, admin=ctx.is_admin)
@@ -142,7 +167,10 @@ def show_version(
     summary="Flavors usable with a version (all flavors)",
 )
 def list_version_flavors(
-    datastore: str, version: str, ctx: Context, services: ServicesDep
+    datastore: str,
+    version: str,
+    ctx: Annotated[RequestContext, Depends(authorize("datastore:list_associated_flavors"))],
+    services: ServicesDep,
 ) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         ds = catalog.find_datastore(session, datastore, admin=ctx.is_admin)
@@ -156,7 +184,9 @@ def list_version_flavors(
 
 @router.get("/mgmt/datastore-versions", summary="List every datastore version (admin)")
 def mgmt_list_versions(
-    request: Request, ctx: AdminContext, services: ServicesDep
+    request: Request,
+    ctx: Annotated[RequestContext, Depends(authorize("mgmt:datastore_version:index"))],
+    services: ServicesDep,
 ) -> dict[str, Any]:
     page_req = page_request(request)
     with transaction(services.session_factory) as session:
@@ -178,7 +208,9 @@ def mgmt_list_versions(
     summary="Register a datastore version (admin); creates the datastore if missing",
 )
 def mgmt_create_version(
-    body: NewVersionRequest, ctx: AdminContext, services: ServicesDep
+    body: NewVersionRequest,
+    ctx: Annotated[RequestContext, Depends(authorize("mgmt:datastore_version:create"))],
+    services: ServicesDep,
 ) -> Response:
     """Answers 202 with an empty body: openstackclient reports any JSON body as a failure."""
     new = body.version
@@ -201,7 +233,11 @@ def mgmt_create_version(
 
 
 @router.get("/mgmt/datastore-versions/{version_id}", summary="Show a datastore version (admin)")
-def mgmt_show_version(version_id: str, ctx: AdminContext, services: ServicesDep) -> dict[str, Any]:
+def mgmt_show_version(
+    version_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("mgmt:datastore_version:show"))],
+    services: ServicesDep,
+) -> dict[str, Any]:
     with transaction(services.session_factory) as session:
         version = catalog.find_version_by_id(session, version_id)
         ds = catalog.datastore_of(session, version)
@@ -212,7 +248,10 @@ def mgmt_show_version(version_id: str, ctx: AdminContext, services: ServicesDep)
     "/mgmt/datastore-versions/{version_id}", status_code=202, summary="Edit a version (admin)"
 )
 def mgmt_edit_version(
-    version_id: str, body: VersionChanges, ctx: AdminContext, services: ServicesDep
+    version_id: str,
+    body: VersionChanges,
+    ctx: Annotated[RequestContext, Depends(authorize("mgmt:datastore_version:edit"))],
+    services: ServicesDep,
 ) -> Response:
     changes = body.model_dump(exclude_unset=True)
     with transaction(services.session_factory) as session:
@@ -225,7 +264,11 @@ def mgmt_edit_version(
     status_code=202,
     summary="Delete a version (admin); refused while instances use it",
 )
-def mgmt_delete_version(version_id: str, ctx: AdminContext, services: ServicesDep) -> Response:
+def mgmt_delete_version(
+    version_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("mgmt:datastore_version:delete"))],
+    services: ServicesDep,
+) -> Response:
     with transaction(services.session_factory) as session:
         catalog.delete_datastore_version(session, version_id)
     return Response(status_code=202)
