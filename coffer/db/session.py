@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-
 #: Execution option marking a session's transaction as one that writes (see ``transaction``).
 WRITE_OPTION = "coffer_write"
 
