@@ -302,3 +302,7 @@ class QuotaCharge(Base):
     project_id: Mapped[str] = mapped_column(String(64), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# Tables of later features live in their own modules and join this metadata here.
+from coffer.db import models_backups, models_day2  # noqa: E402, F401
