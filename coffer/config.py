@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticCustomError
 
 from coffer.errors import ConfigError
 
@@ -174,8 +175,7 @@ class KeystoneAuthtokenSection(_Section):
         None,
         pattern=_URL_PATTERN,
         description="Public Keystone URL clients authenticate against (e.g. "
-        "http://keystone:5000/v3); shown by 'coffer up' and in WWW-Authenticate. "
-        "Default: discovered from the catalog.",
+        "http://keystone:5000/v3), named by 'coffer up' and in 401 errors. Default: auth_url.",
     )
     auth_url: str | None = Field(
         None,
@@ -186,8 +186,7 @@ class KeystoneAuthtokenSection(_Section):
     auth_type: str = Field(
         "password",
         pattern="^(v3)?password$",
-        description="keystoneauth plugin for the service credentials ('password' or "
-        "'v3password').",
+        description="keystoneauth plugin for the service credentials ('password' or 'v3password').",
     )
     username: str | None = Field(None, description="Coffer's service user in Keystone.")
     password: SecretStr | None = Field(
@@ -200,9 +199,7 @@ class KeystoneAuthtokenSection(_Section):
     )
     user_domain_name: str | None = Field("Default", description="Domain of the service user.")
     user_domain_id: str | None = Field(None, description="Domain id of the service user.")
-    project_domain_name: str | None = Field(
-        "Default", description="Domain of the service project."
-    )
+    project_domain_name: str | None = Field("Default", description="Domain of the service project.")
     project_domain_id: str | None = Field(None, description="Domain id of the service project.")
     region_name: str | None = Field(
         None, description="Region of the identity endpoint used to validate tokens."
@@ -231,7 +228,7 @@ class KeystoneAuthtokenSection(_Section):
         300,
         ge=-1,
         description="Seconds a validated token is cached before Keystone is asked again "
-        "(-1: no cache). A revoked token stays usable for at most this long.",
+        "(0 or -1: no cache). A revoked token stays usable for at most this long.",
     )
     memcached_servers: str | None = Field(
         None,
@@ -256,19 +253,20 @@ class KeystoneAuthtokenSection(_Section):
     def _complete_when_enabled(self) -> KeystoneAuthtokenSection:
         if self.enabled:
             missing = [
-                name
-                for name in ("username", "password", "project_name")
-                if not getattr(self, name)
+                name for name in ("username", "password", "project_name") if not getattr(self, name)
             ]
             if missing:
-                raise ValueError(
-                    f"auth_url is set, so Coffer validates tokens with Keystone and needs its "
-                    f"service credentials: set {', '.join(missing)}"
+                raise PydanticCustomError(
+                    "keystone_incomplete",
+                    "auth_url is set, so Coffer validates tokens with Keystone and needs its "
+                    "service credentials: set {missing}",
+                    {"missing": ", ".join(missing)},
                 )
         if self.memcache_security_strategy != "None" and not self.memcache_secret_key:
-            raise ValueError(
-                f"memcache_security_strategy is {self.memcache_security_strategy}: set "
-                "memcache_secret_key too"
+            raise PydanticCustomError(
+                "keystone_incomplete",
+                "memcache_security_strategy is {strategy}: set memcache_secret_key too",
+                {"strategy": self.memcache_security_strategy},
             )
         return self
 
@@ -292,7 +290,7 @@ class Settings(BaseModel):
     compute: ComputeSection
     identity: IdentitySection
     keystone_authtoken: KeystoneAuthtokenSection = Field(
-        default_factory=KeystoneAuthtokenSection
+        default_factory=lambda: KeystoneAuthtokenSection.model_validate({})
     )
 
     # -- derived values ----------------------------------------------------------------------

@@ -4,13 +4,15 @@
 Layout of the URL space:
 
 * ``/``: Trove versions document; ``/v1.0/``: the single version.
-* ``/identity/...``: the Keystone v3 subset (``coffer.api.routes.identity``).
+* ``/identity/...``: the Keystone v3 subset (``coffer.api.routes.identity``); not mounted when
+  tokens are validated by an external Keystone (``[keystone_authtoken]``), so it answers 404.
 * ``/v1.0/{tenant_id}/...``: the Trove API (catalogue and instance routers).
 * ``/openapi.json``: the OpenAPI document.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
@@ -48,8 +50,25 @@ def _package_version() -> str:
         return "0+unknown"
 
 
+def _with_token_validator(services: Services) -> Services:
+    """``services`` with the external Keystone validator when ``[keystone_authtoken]`` asks
+    for one (and none was given); otherwise unchanged."""
+    options = services.settings.keystone_authtoken
+    if services.token_validator is not None or not options.enabled:
+        return services
+    from coffer.identity.external import KeystoneTokenValidator
+
+    return replace(services, token_validator=KeystoneTokenValidator(options))
+
+
 def create_app(services: Services) -> FastAPI:
-    """Build the API application around ``services`` (kept on ``app.state.services``)."""
+    """Build the API application around ``services`` (kept on ``app.state.services``).
+
+    With ``[keystone_authtoken] auth_url`` set, tokens are validated by that Keystone and the
+    embedded ``/identity`` routes are left out. Raises ``KeystoneMiddlewareMissing`` when that
+    mode is configured but keystonemiddleware is not installed.
+    """
+    services = _with_token_validator(services)
     app = FastAPI(
         title="Coffer",
         version=_package_version(),
@@ -70,7 +89,8 @@ def create_app(services: Services) -> FastAPI:
     def version(request: Request) -> dict[str, Any]:
         return {"version": _version_doc(request)}
 
-    app.include_router(identity.router)
+    if services.embedded_identity:
+        app.include_router(identity.router)
     app.include_router(catalog.router)
     app.include_router(instances.router)
     return app

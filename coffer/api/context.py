@@ -13,7 +13,7 @@ for mgmt routes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,17 +28,46 @@ AUTH_HEADER = "X-Auth-Token"
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
+class TokenValidator(Protocol):
+    """Turns an ``X-Auth-Token`` from a service other than the embedded identity into an
+    ``AuthContext`` (``coffer.identity.external.KeystoneTokenValidator`` is the one Coffer
+    ships).
+
+    ``validate`` raises ``Unauthorized`` (401) for a token it does not accept, ``Forbidden``
+    (403) for a valid token that grants nothing here, and a transient ``ServiceUnavailable``
+    (503) when it cannot decide now. ``method`` and ``path`` are the request's (validators may
+    check a token's access rules against them). It is called from many threads at once.
+    """
+
+    @property
+    def token_hint(self) -> str:
+        """How a user gets a token (``get one from ...``), for error messages."""
+        ...
+
+    def validate(self, token: str, *, method: str, path: str) -> AuthContext: ...
+
+
 @dataclass
 class Services:
     """Everything a request handler may use; stored on ``app.state.services``.
 
     ``rpc`` is opaque here: the process that builds the app puts its bus clients there.
+    ``token_validator`` is ``None`` when the embedded ``identity`` issues and validates tokens
+    (its ``/identity`` routes are served); otherwise it validates every token and the embedded
+    identity routes are not mounted (``create_app`` sets it when ``[keystone_authtoken]`` is
+    configured).
     """
 
     settings: Settings
     session_factory: sessionmaker[Session]
     identity: IdentityService
     rpc: Any = None
+    token_validator: TokenValidator | None = None
+
+    @property
+    def embedded_identity(self) -> bool:
+        """True when tokens come from, and are checked by, the embedded identity service."""
+        return self.token_validator is None
 
 
 @dataclass(frozen=True)
@@ -77,14 +106,22 @@ def public_base_url(request: Request) -> str:
 
 
 def authenticate_request(request: Request) -> AuthContext:
-    """Validate the request's ``X-Auth-Token``; ``Unauthorized`` when missing or invalid."""
+    """Validate the request's ``X-Auth-Token`` with the embedded identity or, when configured,
+    the external validator; ``Unauthorized`` when missing or invalid (see ``TokenValidator``
+    for the other errors an external validator raises)."""
+    services = get_services(request)
+    validator = services.token_validator
     token = request.headers.get(AUTH_HEADER)
     if not token:
-        raise Unauthorized(
-            f"This request needs an {AUTH_HEADER} header; get a token with "
-            "POST /identity/v3/auth/tokens."
+        hint = (
+            validator.token_hint
+            if validator is not None
+            else "get a token with POST /identity/v3/auth/tokens"
         )
-    return get_services(request).identity.validate(token)
+        raise Unauthorized(f"This request needs an {AUTH_HEADER} header; {hint}.")
+    if validator is not None:
+        return validator.validate(token, method=request.method, path=request.url.path)
+    return services.identity.validate(token)
 
 
 def get_context(request: Request, tenant_id: str) -> RequestContext:

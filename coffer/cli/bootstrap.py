@@ -83,9 +83,12 @@ def register_default_flavors(cp: ControlPlane) -> None:
 
 def bootstrap(cp: ControlPlane) -> dict[str, str]:
     """Everything a fresh ``coffer up`` needs before it serves; safe to run on every start."""
-    creds = load_or_create_credentials(cp)
-    identity = identity_service(cp)
-    identity.bootstrap(creds["admin_password"], creds["demo_password"])
+    creds: dict[str, str] = {}
+    if not cp.settings.keystone_authtoken.enabled:
+        # Embedded identity only: an external Keystone owns users and projects.
+        creds = load_or_create_credentials(cp)
+        identity = identity_service(cp)
+        identity.bootstrap(creds["admin_password"], creds["demo_password"])
     register_host_engines(cp)
     register_default_flavors(cp)
     return creds

@@ -57,6 +57,31 @@ def serve_api(cp: ControlPlane) -> None:
 def _banner(cp: ControlPlane, creds: dict[str, str], clouds: list[Any]) -> str:
     base = cp.settings.api_base_url
     ident = cp.settings.identity
+    keystone = cp.settings.keystone_authtoken
+    if keystone.enabled:
+        # The embedded credentials and clouds.yaml are of no use: Keystone issues the tokens.
+        return "\n".join(
+            [
+                "",
+                "Coffer is up.",
+                f"  Database API (Trove v1.0): {base}/v1.0/<project id>",
+                f"  Identity:                  Keystone at "
+                f"{keystone.www_authenticate_uri or keystone.auth_url}",
+                f"  State directory:           {cp.settings.state_dir}",
+                "",
+                "Tokens are validated by that Keystone; the embedded identity is off. Register "
+                "Coffer in its catalog if you have not:",
+                "  openstack service create --name trove database",
+                f"  openstack endpoint create database public '{base}/v1.0/%(tenant_id)s'",
+                "  (and the same for the internal and admin interfaces)",
+                "Then, with your usual cloud:",
+                "  openstack database instance list",
+                "",
+                "Press Ctrl-C to stop Coffer; database instances keep running and are found "
+                "again on the next 'coffer up'.",
+                "",
+            ]
+        )
     lines = [
         "",
         "Coffer is up.",
@@ -86,7 +111,8 @@ def run_up(settings: Settings) -> None:
     load_policy(settings)  # refuse a bad policy.yaml before anything starts
     cp = start_control_plane(settings, bootstrap_first=False)
     creds = bootstrap(cp)
-    clouds = write_clouds_yaml(cp, creds)
+    # With an external Keystone the embedded identity is off: no clouds.yaml pointing at it.
+    clouds = [] if settings.keystone_authtoken.enabled else write_clouds_yaml(cp, creds)
     compute = get_driver(settings.compute.driver, settings)
     taskmanager = TaskManager(cp, compute)
     conductor = Conductor(cp)
