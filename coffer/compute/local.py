@@ -8,6 +8,10 @@ engine user, 0700)::
     run/supervisor.pid  the supervisor's pid; run/agent.pid the current agent's
     log/supervisor.log  the supervisor's log; log/agent.log the agent's output
 
+Shared by every instance, ``<state_dir>/templates/`` (owned by the engine user, 0700) holds the
+pre-initialised data directories datastores copy instead of initialising one each time (see
+:mod:`coffer.guest.datastores.template`).
+
 The tree is ``python -m coffer.compute.supervisor <dir>`` (detached, its own session) -> the guest
 agent -> the engine. It outlives the control plane; a new driver object finds it again through
 the pidfile, trusting a pid only if ``/proc/<pid>/cmdline`` names this instance's directory.
@@ -72,6 +76,8 @@ log = logging.getLogger(__name__)
 #: Replaced, in each agent argument, by the path of the instance's ``guest.json``.
 CONFIG_PLACEHOLDER = "{config}"
 GUEST_CONFIG_FILE = "guest.json"
+#: Under the state dir: the host's template data directories, shared by all instances.
+TEMPLATES_DIR = "templates"
 DEFAULT_STOP_TIMEOUT = 20.0
 _START_TIMEOUT = 30.0
 _KILL_WAIT = 5.0
@@ -129,6 +135,7 @@ class LocalCompute(ComputeDriver):
         self.stop_timeout = stop_timeout
         self.state_dir = Path(settings.state_dir).absolute()
         self.instances_dir = self.state_dir / "instances"
+        self.templates_dir = self.state_dir / TEMPLATES_DIR
         self.cgroups = MemoryCgroups()
         self._user: EngineUser | None = None
         self._db_engine: Engine | None = None
@@ -350,14 +357,19 @@ class LocalCompute(ComputeDriver):
     # -- internals ---------------------------------------------------------------------------
 
     def _prepare_shared_dirs(self, user: EngineUser) -> None:
-        """Create the state dir and ``instances/`` and check the engine user can use them all."""
+        """Create the state dir, ``instances/`` and ``templates/`` and check the engine user can
+        use them all. ``templates/`` belongs to the engine user (0700): its guest agents build
+        and copy the templates there, and no one else needs to look inside."""
         traversable = user.drops_privileges
         ensure_shared_dir(self.state_dir, traversable)
         ensure_shared_dir(self.instances_dir, traversable)
+        with open_dir(self.state_dir) as state_fd:
+            make_owned_dir(TEMPLATES_DIR, state_fd, user, 0o700)
         if not traversable:
             return
         checks = [
             (self.instances_dir, False, "reach the instance directories under"),
+            (self.templates_dir, False, "use the template data directories in"),
             (Path(self.supervisor_python), True, "run the Python interpreter"),
             (
                 _PACKAGE_ROOT / "coffer" / "compute" / "supervisor.py",

@@ -14,12 +14,37 @@ The agent's admin account ``os_admin@localhost`` gets a fresh random password at
 of every data directory: ``start`` writes a 0600 ``--init-file`` that creates or resets the
 account, and deletes it once the server answers. The password is never on a command line, and a
 data directory copied from a pre-initialised template gets its own password the same way.
+
+**Templates.** With ``spec.template_dir`` set, ``prepare`` does not initialise an empty data
+directory itself: it copies a template (``coffer.guest.datastores.template``) built once per
+MariaDB version and variant by a separate ``mariadb-install-db`` run into the store, then starts
+the copy. What ``mariadb-install-db`` 10.11 writes was checked for anything secret or
+instance-specific, by reading the files and querying a started copy:
+
+* accounts: only ``root@localhost`` (password "invalid", unix_socket for OS user root only) and
+  the locked ``mariadb.sys@localhost``; no password hash, no tenant account, no ``os_admin``
+  (created at each copy's first start by the init file, with the copy's own password), and with
+  ``--cross-bootstrap`` no row naming the build host (a ``root@<hostname>`` proxy grant
+  otherwise; ``--skip-name-resolve`` does not drop it).
+* no server identity to keep unique: MariaDB has no ``auto.cnf``/``server_uuid``; ``server_id``
+  and GTID domain come from the option file; ``mysql.gtid_slave_pos`` is empty and no binary
+  log exists. ``aria_log_control`` holds an Aria UUID, shared by copies as by any physical
+  backup and restore; Aria uses it only to notice tables moved in from another server.
+* the rest is version- and settings-bound, hence in the template's key: ``mysql_upgrade_info``
+  (the version), ``db.opt`` files (the server character set), the redo log header.
+  ``ib_buffer_pool`` lists page numbers of the system tables. Paths are not recorded.
+
+The template's redo log has the smallest flavor's size; a bigger flavor's first start resizes it
+(``innodb_log_file_size`` is read at every start), which costs far less than copying a big log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -27,6 +52,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pymysql
@@ -56,6 +82,7 @@ from coffer.guest.datastores.process import (
     os_user_name,
     resolve_run_as,
 )
+from coffer.guest.datastores.template import TemplateError, TemplateStore
 from coffer.guest.layout import chown_to, write_private_file
 from coffer.status import ServiceStatus
 
@@ -76,9 +103,53 @@ _CONNECTION_ERRORS = frozenset({2002, 2003, 2006, 2013})
 _ACCESS_DENIED = 1045
 
 
+#: How often to try the socket while mariadbd starts; a start takes 0.1-0.2 s, so a coarse
+#: poll would add a large share of it.
+_READY_POLL = 0.01
+#: ``mariadbd --version`` takes ~45 ms; cached per binary (path, inode, mtime, size) so an
+#: upgraded binary is asked again and never paired with an older version's template.
+_VERSIONS: dict[tuple[str, int, int, int], str] = {}
+#: Arguments of every ``mariadb-install-db`` run. Only root@localhost over unix_socket (the OS
+#: root) gets in without a password; no account is tied to the engine's OS user, which every
+#: instance shares. ``--cross-bootstrap`` (the option for building a data directory to ship
+#: elsewhere) leaves out the rows naming this host (``root@<hostname>`` proxy grants).
+_INSTALL_DB_FLAGS = (
+    "--skip-test-db",
+    "--auth-root-authentication-method=socket",
+    "--auth-root-socket-user=root",
+    "--cross-bootstrap",
+)
+#: Bumped when how templates are built changes in a way the settings below do not show.
+_TEMPLATE_RECIPE = 1
+_TEMPLATE_FLAVOR = (256, 1)  # (RAM MB, vCPUs): the smallest redo log a flavor gets
+
+
 def _find_binary(name: str) -> str | None:
     # /usr/sbin is often missing from an unprivileged user's PATH.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def init_settings() -> dict[str, str]:
+    """Option-file settings that shape what ``mariadb-install-db`` writes into a data directory.
+
+    Every instance's option file carries them, and a template is keyed by them: adding a
+    setting here (page size, ``lower_case_table_names``...) gives templates a new variant.
+    """
+    return {
+        "character-set-server": rules.DEFAULT_CHARACTER_SET,
+        "collation-server": rules.CHARACTER_SETS[rules.DEFAULT_CHARACTER_SET],
+    }
+
+
+def template_variant() -> str:
+    """The template variant for the current init settings and flags (12 hex digits)."""
+    recipe = {
+        "recipe": _TEMPLATE_RECIPE,
+        "settings": init_settings(),
+        "flags": list(_INSTALL_DB_FLAGS),
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return digest[:12]
 
 
 def memory_settings(memory_mb: int, vcpus: int) -> dict[str, str]:
@@ -161,13 +232,23 @@ class MariaDBDatastore(Datastore):
         if binary is None:
             return None
         try:
+            info = os.stat(binary)
+        except OSError:
+            return None
+        key = (binary, info.st_ino, info.st_mtime_ns, info.st_size)
+        if key in _VERSIONS:
+            return _VERSIONS[key]
+        try:
             result = subprocess.run(
                 [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
             )
         except (OSError, subprocess.SubprocessError):
             return None
         match = _VERSION.search(result.stdout)
-        return match.group(1) if match else None
+        if match is None:
+            return None
+        _VERSIONS[key] = match.group(1)
+        return match.group(1)
 
     def is_initialized(self) -> bool:
         """True once the data directory holds the system tables (``data/mysql``)."""
@@ -190,8 +271,7 @@ class MariaDBDatastore(Datastore):
             "local-infile": "0",
             "symbolic-links": "0",
             "skip-name-resolve": "1",
-            "character-set-server": rules.DEFAULT_CHARACTER_SET,
-            "collation-server": rules.CHARACTER_SETS[rules.DEFAULT_CHARACTER_SET],
+            **init_settings(),
             "performance-schema": "OFF",
             "table-open-cache": "400",
             "thread-cache-size": "8",
@@ -207,12 +287,7 @@ class MariaDBDatastore(Datastore):
             chown_to(directory, self._owner)
         write_private_file(self.config_file, self.render_config(), self._owner, mode=0o640)
 
-    def _initialize(self) -> None:
-        """Create the system tables in a staging directory, then move them into ``data/``.
-
-        ``data/mysql`` is moved last, so an interrupted move is seen as "not initialised" and is
-        redone; an interrupted mariadb-install-db leaves only the staging directory behind.
-        """
+    def _require_empty_data_dir(self) -> None:
         data_dir = self.layout.data_dir
         leftovers = [p.name for p in data_dir.iterdir()]
         if leftovers:
@@ -221,28 +296,23 @@ class MariaDBDatastore(Datastore):
                 "but no system tables; Coffer will not initialise over them. Empty it or "
                 "restore a complete data directory."
             )
+
+    def _install_db(self, datadir: Path, defaults_file: Path, cwd: Path) -> None:
+        """Run mariadb-install-db as the engine user into the empty directory ``datadir``."""
         install_db = _find_binary("mariadb-install-db")
         if install_db is None:
             raise EngineError("mariadb-install-db is not installed; install the MariaDB server.")
-        staging = self.layout.root / ".data-init"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        chown_to(staging, self._owner)
         argv = [
             install_db,
-            f"--defaults-file={self.config_file}",
-            f"--datadir={staging}",
-            "--skip-test-db",
-            "--auth-root-authentication-method=socket",
-            # Only root@localhost (unix_socket, i.e. the OS root) gets in without a password;
-            # no account is tied to the engine's OS user, which every instance shares.
-            "--auth-root-socket-user=root",
+            f"--defaults-file={defaults_file}",
+            f"--datadir={datadir}",
+            *_INSTALL_DB_FLAGS,
         ]
         run_as = self._run_as
         try:
             result = subprocess.run(
                 argv,
-                cwd=self.layout.root,
+                cwd=cwd,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -255,20 +325,85 @@ class MariaDBDatastore(Datastore):
                 umask=0o027,
             )
         except subprocess.TimeoutExpired:
-            shutil.rmtree(staging, ignore_errors=True)
             raise EngineError("mariadb-install-db did not finish within 10 minutes.") from None
         if result.returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
             output = (result.stdout + result.stderr).strip().splitlines()[-8:]
             raise EngineError(
                 f"mariadb-install-db failed with exit code {result.returncode}: "
                 + " | ".join(output + self._error_log_tail(4))
             )
+
+    def _initialize(self) -> None:
+        """Create the system tables in a staging directory, then move them into ``data/``.
+
+        ``data/mysql`` is moved last, so an interrupted move is seen as "not initialised" and is
+        redone; an interrupted mariadb-install-db leaves only the staging directory behind.
+        """
+        data_dir = self.layout.data_dir
+        self._require_empty_data_dir()
+        staging = self.layout.root / ".data-init"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        chown_to(staging, self._owner)
+        try:
+            self._install_db(staging, self.config_file, self.layout.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         entries = sorted(staging.iterdir(), key=lambda p: (p.name == "mysql", p.name))
         for entry in entries:
             entry.replace(data_dir / entry.name)
         staging.rmdir()
         LOG.info("initialised MariaDB data directory %s", data_dir)
+
+    def _template_store(self) -> TemplateStore | None:
+        directory = self.spec.template_dir
+        if directory is None:
+            return None
+        if not directory.is_absolute():
+            LOG.warning("ignoring the template directory %s: it is not an absolute path", directory)
+            return None
+        return TemplateStore(directory, owner=self._owner)
+
+    def _copy_template(self) -> bool:
+        """Fill the empty data directory from the host's template, building it first if there
+        is none. False when there is no usable store: the caller then initialises by hand.
+        EngineError from building (mariadb-install-db failing) propagates: by hand would fail
+        the same way."""
+        store = self._template_store()
+        version = self.detect_version()
+        if store is None or version is None:
+            return False
+        self._require_empty_data_dir()
+        try:
+            template = store.get_or_build(
+                self.manager, version, template_variant(), self._build_template
+            )
+            store.copy_into(template, self.layout.data_dir)
+        except TemplateError as exc:
+            LOG.warning("initialising without a template: %s", exc.message)
+            return False
+        LOG.info("data directory %s copied from template %s", self.layout.data_dir, template.name)
+        return True
+
+    def _build_template(self, tree: Path, scratch: Path) -> None:
+        """Initialise ``tree`` with only the settings that shape it (see ``init_settings``); the
+        redo log gets the smallest flavor's size, which any start resizes to its own."""
+        settings = {
+            **init_settings(),
+            **memory_settings(*_TEMPLATE_FLAVOR),
+            "performance-schema": "OFF",
+            "skip-name-resolve": "1",
+        }
+        lines = ["# The recipe of a Coffer template data directory.", "[mariadbd]"]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        defaults_file = scratch / "my.cnf"
+        write_private_file(defaults_file, "\n".join(lines) + "\n", self._owner, mode=0o640)
+        self._install_db(tree, defaults_file, scratch)
+        if not (tree / "mysql").is_dir():
+            raise EngineError(
+                "mariadb-install-db finished but wrote no system tables; check its installation."
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -279,7 +414,8 @@ class MariaDBDatastore(Datastore):
             self.layout.create(self._owner)
             if not self.is_initialized():
                 self._write_config()  # mariadb-install-db sizes the redo log from it
-                self._initialize()
+                if not self._copy_template():
+                    self._initialize()
             self.start()
         with self._admin() as cur:
             self._check_character_sets(cur, wanted_dbs)
@@ -318,6 +454,7 @@ class MariaDBDatastore(Datastore):
             # A crash leaves the socket file behind; nothing can be listening on it now.
             self.socket.unlink(missing_ok=True)
             self._write_init_file(self._admin_password(create=True))
+            ready = False
             try:
                 self._process.spawn(
                     [
@@ -329,6 +466,7 @@ class MariaDBDatastore(Datastore):
                     console_log=self.layout.log_dir / "mariadbd.console.log",
                 )
                 self._wait_ready(deadline)
+                ready = True
                 LOG.info(
                     "mariadbd started (pid %s), listening on %s port %s",
                     self._process.pid(),
@@ -337,7 +475,7 @@ class MariaDBDatastore(Datastore):
                 )
             finally:
                 # Keep the file only while a live server may still have to read it.
-                if self._process.pid() is None or self._answers():
+                if ready or self._process.pid() is None or self._answers():
                     self._init_file.unlink(missing_ok=True)
 
     def _write_init_file(self, password: str) -> None:
@@ -387,7 +525,7 @@ class MariaDBDatastore(Datastore):
                     "mariadbd did not answer in time; it may still be recovering. "
                     "Last lines of its error log: " + " | ".join(self._error_log_tail(3))
                 )
-            time.sleep(0.05)
+            time.sleep(_READY_POLL)
 
     def _answers(self) -> bool:
         try:
