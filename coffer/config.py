@@ -292,12 +292,14 @@ class Settings(BaseModel):
     keystone_authtoken: KeystoneAuthtokenSection = Field(
         default_factory=lambda: KeystoneAuthtokenSection.model_validate({})
     )
+    storage: StorageSection = Field(default_factory=lambda: StorageSection.model_validate({}))
 
     # -- derived values ----------------------------------------------------------------------
 
     @property
     def state_dir(self) -> Path:
-        return self.default.state_dir
+        # Absolute, because it is handed to guest agents that run in other directories.
+        return self.default.state_dir.expanduser().absolute()
 
     @property
     def database_url(self) -> str:
