@@ -23,7 +23,7 @@ from coffer.api.errors import install_error_handlers
 
 # ``instances`` holds the instance, database, user and root routes. It is a plain import, not a
 # discovery, so a broken module fails loudly at start instead of silently losing routes.
-from coffer.api.routes import catalog, identity, instances
+from coffer.api.routes import catalog, configurations, identity, instances
 
 __all__ = ["Services", "create_app"]
 
@@ -93,4 +93,5 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(identity.router)
     app.include_router(catalog.router)
     app.include_router(instances.router)
+    app.include_router(configurations.router)
     return app

@@ -14,6 +14,7 @@ import yaml
 
 from coffer.bus import keys
 from coffer.catalog import create_flavor, register_datastore_version
+from coffer.configuration.parameter_rules import install_shipped_rules
 from coffer.controlplane import ControlPlane
 from coffer.datastores.registry import installed_engines
 from coffer.db.models import Datastore
@@ -90,6 +91,7 @@ def bootstrap(cp: ControlPlane) -> dict[str, str]:
         identity = identity_service(cp)
         identity.bootstrap(creds["admin_password"], creds["demo_password"])
     register_host_engines(cp)
+    install_shipped_rules(cp.session_factory)
     register_default_flavors(cp)
     return creds
 

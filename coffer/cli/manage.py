@@ -303,3 +303,111 @@ def quota_set(config: str | None, project: str, resource: str, limit: int) -> No
         raise click.ClickException(exc.message) from exc
     finally:
         cp.close()
+
+
+# --- configuration parameter rules -------------------------------------------------------------
+
+
+def _rules_version(session: Any, datastore: str, version: str, number: str | None) -> Any:
+    from coffer.catalog import find_datastore, find_version
+
+    return find_version(session, find_datastore(session, datastore), version, number)
+
+
+@manage.command("configuration-rules-load")
+@config_option
+@click.argument("datastore")
+@click.argument("version")
+@click.argument("rules_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--version-number", default=None, help="Version number, when names are shared.")
+@click.option("--replace", is_flag=True, help="Also delete the version's rules not in the file.")
+def configuration_rules_load(
+    config: str | None,
+    datastore: str,
+    version: str,
+    rules_file: str | None,
+    version_number: str | None,
+    replace: bool,
+) -> None:
+    """Load configuration parameter rules for a datastore version from RULES_FILE (Trove's
+    validation-rules.json format); without RULES_FILE, the rules Coffer ships for the version's
+    engine. Rules are added or updated by name (trove-manage
+    db_load_datastore_config_parameters)."""
+    from coffer.configuration import parameter_rules
+    from coffer.db.session import transaction
+
+    try:
+        # Read and check the file before the control DB is touched.
+        rules = parameter_rules.read_rules_file(rules_file) if rules_file else None
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    cp = _control_plane(config)
+    try:
+        with transaction(cp.session_factory) as session:
+            row = _rules_version(session, datastore, version, version_number)
+            if rules is None:
+                rules = list(parameter_rules.shipped_rules(row.manager))
+                if not rules:
+                    raise click.ClickException(
+                        f"Coffer ships no rules for the {row.manager} engine; give a RULES_FILE."
+                    )
+            written, deleted = parameter_rules.load_rules(session, row.id, rules, replace=replace)
+        removed = f", {deleted} removed" if replace else ""
+        click.echo(f"{datastore} {version}: {written} parameter rules loaded{removed}")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("configuration-rules-remove")
+@config_option
+@click.argument("datastore")
+@click.argument("version")
+@click.option("--version-number", default=None, help="Version number, when names are shared.")
+def configuration_rules_remove(
+    config: str | None, datastore: str, version: str, version_number: str | None
+) -> None:
+    """Remove every configuration parameter rule of a datastore version (trove-manage
+    db_remove_datastore_config_parameters). Existing groups keep their values; no new group
+    can be made for the version until rules are loaded again."""
+    from coffer.configuration import parameter_rules
+    from coffer.db.session import transaction
+
+    cp = _control_plane(config)
+    try:
+        with transaction(cp.session_factory) as session:
+            row = _rules_version(session, datastore, version, version_number)
+            removed = parameter_rules.remove_rules(session, row.id)
+        click.echo(f"{datastore} {version}: {removed} parameter rules removed")
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()
+
+
+@manage.command("configuration-rules-list")
+@config_option
+@click.argument("datastore")
+@click.argument("version")
+@click.option("--version-number", default=None, help="Version number, when names are shared.")
+def configuration_rules_list(
+    config: str | None, datastore: str, version: str, version_number: str | None
+) -> None:
+    """Print a datastore version's configuration parameter rules as a validation-rules.json
+    document (load it elsewhere with configuration-rules-load)."""
+    import json
+
+    from coffer.configuration import parameter_rules
+
+    cp = _control_plane(config)
+    try:
+        with cp.session_factory() as session:
+            row = _rules_version(session, datastore, version, version_number)
+            rules = parameter_rules.rules_for_version(session, row.id)
+        document = {parameter_rules.RULES_KEY: [rule.to_document() for rule in rules]}
+        click.echo(json.dumps(document, indent=2))
+    except CofferError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        cp.close()

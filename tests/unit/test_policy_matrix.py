@@ -37,6 +37,7 @@ from coffer.api.policy import Authorize
 from coffer.bus.envelope import StaticKeyRing
 from coffer.bus.rpc import RpcServer
 from coffer.config import load_settings
+from coffer.configuration import parameter_rules
 from coffer.controlplane import ControlPlane, guest_topic
 from coffer.datastores import registry
 from coffer.db.models import (
@@ -48,6 +49,7 @@ from coffer.db.models import (
     ServiceStatusRow,
     utcnow,
 )
+from coffer.db.models_day2 import Configuration, ConfigurationParameterRule, ConfigurationValue
 from coffer.db.session import transaction
 from coffer.identity import IdentityService
 from coffer.identity.passwords import ScryptCost
@@ -66,6 +68,8 @@ PASSWORDS = {
     "eve": "eve-matrix-pw",
 }
 IDENTITIES = ("anonymous", "foreign", "other", "reader", "member", "admin")
+#: Demo's configuration group, put back by ``World.reset`` after a test deletes or changes it.
+CONFIGURATION_ID = "c0ff1e00-0000-4000-8000-00000000c0f1"
 
 
 # --- the world: a control plane, the app, a demo instance and its stand-in guest ----------------
@@ -216,7 +220,36 @@ class World:
                 session, "mariadb", "spare", "mariadb", version="10.11.6"
             )
             self.spare_version_id = spare.id
+            self._reset_configuration(session)
         self.guest.calls.clear()
+
+    def _reset_configuration(self, session: Any) -> None:
+        # Only the rules the mgmt routes of the matrix add, change or delete are restored:
+        # reloading all of them before every request would slow the matrix down.
+        added = session.get(ConfigurationParameterRule, (self.version_id, "thread_stack"))
+        if added is not None:
+            session.delete(added)
+        shipped = {rule.name: rule for rule in parameter_rules.shipped_rules("mariadb")}
+        parameter_rules.load_rules(session, self.version_id, [shipped["max_connections"]])
+        group = session.get(Configuration, CONFIGURATION_ID)
+        if group is None:
+            group = Configuration(
+                id=CONFIGURATION_ID,
+                tenant_id=self.projects["demo"],
+                name="matrix-config",
+                datastore_version_id=self.version_id,
+            )
+            session.add(group)
+            session.flush()
+        group.name = "matrix-config"
+        for row in session.scalars(
+            select(ConfigurationValue).where(ConfigurationValue.configuration_id == group.id)
+        ):
+            session.delete(row)
+        session.flush()
+        session.add(
+            ConfigurationValue(configuration_id=group.id, name="max_connections", value=200)
+        )
 
     def fingerprint(self) -> tuple[Any, ...]:
         """What a refused request must leave unchanged."""
@@ -228,7 +261,24 @@ class World:
             charges = session.scalar(select(func.count()).select_from(QuotaCharge))
             versions = session.scalar(select(func.count()).select_from(DatastoreVersion))
             root = session.get(RootEnabledHistory, self.instance_id) is not None
-            return (count, ops, charges, versions, inst.name, inst.task, root)
+            return (count, ops, charges, versions, inst.name, inst.task, root, *self._configs())
+
+    def _configs(self) -> tuple[Any, ...]:
+        with self.cp.session_factory() as session:
+            groups = session.scalar(select(func.count()).select_from(Configuration))
+            values = session.scalars(
+                select(ConfigurationValue.value).order_by(ConfigurationValue.name)
+            )
+            rule = session.get(ConfigurationParameterRule, (self.version_id, "max_connections"))
+            rules = session.scalar(select(func.count()).select_from(ConfigurationParameterRule))
+            group = session.get(Configuration, CONFIGURATION_ID)
+            return (
+                groups,
+                tuple(values),
+                rules,
+                (rule.max_size, rule.restart_required) if rule else None,
+                group.name if group else None,
+            )
 
 
 def build_world(tmp: Path, **default: Any) -> Iterator[World]:
@@ -261,6 +311,7 @@ def build_world(tmp: Path, **default: Any) -> Iterator[World]:
                 )
                 version_id = version.id
                 catalog.create_flavor(session, "6", "d1.micro", 256, 1, 1)
+                parameter_rules.register_shipped_rules(session)
                 inst = Instance(
                     tenant_id=projects["demo"],
                     name="matrix",
@@ -384,6 +435,36 @@ _CREATE = {
 }
 _USERS = {"users": [{"name": "bob", "password": "bob-secret-pw"}]}
 _GRANT = {"databases": [{"name": "appdb"}]}
+_CONFIGURATION = {
+    "configuration": {
+        "name": "tuned",
+        "values": {"max_connections": 300},
+        "datastore": {"type": "mariadb", "version": "10.11"},
+    }
+}
+_SET_MAX_CONNECTIONS = {"configuration": {"values": {"max_connections": 300}}}
+_RULE = {
+    "configuration-parameter": {
+        "name": "thread_stack",
+        "restart_required": 1,
+        "data_type": "integer",
+        "min_size": 131072,
+        "max_size": 1073741824,
+    }
+}
+_CHANGED_RULE = {
+    "configuration-parameter": {
+        "name": "max_connections",
+        "restart_required": 0,
+        "data_type": "integer",
+        "min_size": 10,
+        "max_size": 5000,
+    }
+}
+_C = "/v1.0/{tenant_id}/configurations/{configuration_id}"
+_P = "/v1.0/{tenant_id}/datastores/{datastore}/versions/{version}/parameters"
+_PV = "/v1.0/{tenant_id}/datastores/versions/{version_id}/parameters"
+_MP = "/v1.0/{tenant_id}/mgmt/datastores/versions/{version_id}/parameters"
 _NEW_VERSION = {
     "version": {
         "name": "spare",
@@ -487,6 +568,25 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
     ("PUT", "/v1.0/{tenant_id}/mgmt/quotas/{project_id}"): [
         Case(admins(), body={"quotas": {"backups": 50}}, denied_rule="quota:update")
     ],
+    # -- configuration groups and parameters ----------------------------------------------------
+    ("GET", "/v1.0/{tenant_id}/configurations"): [Case(reads(other=200))],
+    ("POST", "/v1.0/{tenant_id}/configurations"): [
+        Case(writes(200, other=200), body=_CONFIGURATION)
+    ],
+    ("GET", _C): [Case(reads())],
+    ("GET", f"{_C}/instances"): [Case(reads())],
+    ("PUT", _C): [Case(writes(), body=_SET_MAX_CONNECTIONS)],
+    ("PATCH", _C): [Case(writes(200), body=_SET_MAX_CONNECTIONS)],
+    ("DELETE", _C): [Case(writes())],
+    ("GET", _P): [Case(everyone_authenticated())],
+    ("GET", f"{_P}/{{parameter_name}}"): [Case(everyone_authenticated())],
+    ("GET", _PV): [Case(everyone_authenticated())],
+    ("GET", f"{_PV}/{{parameter_name}}"): [Case(everyone_authenticated())],
+    ("GET", _MP): [Case(admins())],
+    ("POST", _MP): [Case(admins(), body=_RULE)],
+    ("GET", f"{_MP}/{{parameter_name}}"): [Case(admins())],
+    ("PUT", f"{_MP}/{{parameter_name}}"): [Case(admins(), body=_CHANGED_RULE)],
+    ("DELETE", f"{_MP}/{{parameter_name}}"): [Case(admins(204))],
     # -- management ----------------------------------------------------------------------------
     ("GET", "/v1.0/{tenant_id}/mgmt/instances"): [Case(admins())],
     ("GET", "/v1.0/{tenant_id}/mgmt/instances/{instance_id}"): [Case(admins())],
@@ -551,6 +651,8 @@ def _fill(world: World, path: str) -> str:
         "datastore": "mariadb",
         "version": "10.11",
         "project_id": world.projects["demo"],
+        "configuration_id": CONFIGURATION_ID,
+        "parameter_name": "max_connections",
     }
     filled = path
     if "/mgmt/datastore-versions/{version_id}" in path:
