@@ -271,12 +271,145 @@ class KeystoneAuthtokenSection(_Section):
         return self
 
 
+_MIB = 1 << 20
+
+
+class StorageSection(_Section):
+    """``[storage]``: where backups are kept (drivers in ``coffer/storage/``)."""
+
+    driver: str = Field(
+        "file", description="Backup storage driver: 'file' (a directory), 's3' or 'swift'."
+    )
+    file_directory: Path | None = Field(
+        None,
+        description="Directory the file driver keeps backups in. Default: <state_dir>/backups.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        pattern=_URL_PATTERN,
+        description="S3 endpoint (e.g. https://s3.example.com, or a Swift proxy serving S3). "
+        "Default: AWS for s3_region_name.",
+    )
+    s3_region_name: str = Field("us-east-1", description="S3 region (signature scope).")
+    s3_bucket: str | None = Field(
+        None, description="Bucket backups are stored in; it must exist. Required for s3."
+    )
+    s3_access_key_id: str | None = Field(
+        None,
+        description="S3 access key id. Unset (with s3_secret_access_key): boto3 looks in the "
+        "environment, ~/.aws and the instance role.",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None,
+        description="S3 secret key (prefer COFFER_STORAGE__S3_SECRET_ACCESS_KEY to keep it out "
+        "of the file).",
+    )
+    s3_addressing_style: str = Field(
+        "path",
+        pattern="^(path|virtual|auto)$",
+        description="'path' (bucket in the URL path; what S3-compatible stores expect), "
+        "'virtual' (bucket in the host name) or 'auto'.",
+    )
+    s3_verify: bool = Field(True, description="Verify the S3 endpoint's TLS certificate.")
+    s3_ca_bundle: Path | None = Field(None, description="CA bundle for the S3 endpoint.")
+    s3_multipart_threshold: int = Field(
+        64 * _MIB,
+        ge=5 * _MIB,
+        description="Backups larger than this many bytes are uploaded in parts.",
+    )
+    s3_multipart_chunksize: int = Field(
+        16 * _MIB,
+        ge=5 * _MIB,
+        le=5 * 1024 * _MIB,
+        description="Size of one part in bytes (S3 allows 5 MiB to 5 GiB and 10,000 parts, so "
+        "16 MiB parts cap a backup at about 156 GiB).",
+    )
+    s3_max_concurrency: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Parts uploaded at once; about this many plus two parts are held in memory.",
+    )
+    s3_max_attempts: int = Field(5, ge=1, description="Attempts per S3 request (retries + 1).")
+    swift_auth_url: str | None = Field(
+        None,
+        pattern=_URL_PATTERN,
+        description="Keystone v3 URL (e.g. http://keystone:5000/v3) or, with "
+        "swift_auth_version 1, Swift's auth URL (http://proxy:8080/auth/v1.0). Required for "
+        "swift.",
+    )
+    swift_auth_version: str = Field(
+        "3", pattern="^(1|3)$", description="3: Keystone v3; 1: Swift's own auth (tempauth)."
+    )
+    swift_user: str | None = Field(
+        None, description="Swift user (v1: 'account:user'). Required for swift."
+    )
+    swift_key: SecretStr | None = Field(
+        None,
+        description="That user's password or key (prefer COFFER_STORAGE__SWIFT_KEY to keep it "
+        "out of the file).",
+    )
+    swift_project_name: str | None = Field(
+        None, description="Keystone project that owns the container (v3 only)."
+    )
+    swift_user_domain_name: str = Field("Default", description="Domain of swift_user (v3).")
+    swift_project_domain_name: str = Field(
+        "Default", description="Domain of swift_project_name (v3)."
+    )
+    swift_region_name: str | None = Field(
+        None, description="Region whose object-store endpoint is used (v3)."
+    )
+    swift_interface: str = Field(
+        "public",
+        pattern="^(public|internal|admin)$",
+        description="Which object-store endpoint of the catalog to use (v3).",
+    )
+    swift_container: str = Field(
+        "database_backups",
+        description="Container for backups (Trove's default); segments go to <container>_segments.",
+    )
+    swift_segment_size: int = Field(
+        1024 * _MIB,
+        ge=_MIB,
+        le=5 * 1024 * _MIB,
+        description="Bytes per segment of a backup (Swift allows at most 5 GiB per segment "
+        "and, by default, 1000 segments per object: 1 GiB segments cap a backup at 1000 GiB).",
+    )
+    swift_insecure: bool = Field(False, description="Skip TLS verification (tests only).")
+    swift_cacert: Path | None = Field(None, description="CA bundle for Keystone and Swift.")
+    swift_retries: int = Field(5, ge=0, description="Retries of a failed Swift request.")
+
+    @model_validator(mode="after")
+    def _complete_for_driver(self) -> StorageSection:
+        missing: list[str] = []
+        if self.driver == "s3":
+            missing = [] if self.s3_bucket else ["s3_bucket"]
+            if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+                missing.append("both s3_access_key_id and s3_secret_access_key (or neither)")
+        elif self.driver == "swift":
+            missing = [
+                name
+                for name in ("swift_auth_url", "swift_user", "swift_key")
+                if not getattr(self, name)
+            ]
+            if self.swift_auth_version == "3" and not self.swift_project_name:
+                missing.append("swift_project_name")
+        if missing:
+            raise PydanticCustomError(
+                "storage_incomplete",
+                "the {driver} backup storage driver needs {missing}",
+                {"driver": self.driver, "missing": ", ".join(missing)},
+            )
+        return self
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "DEFAULT": DefaultSection,
     "database": DatabaseSection,
     "compute": ComputeSection,
     "identity": IdentitySection,
     "keystone_authtoken": KeystoneAuthtokenSection,
+    "storage": StorageSection,
 }
 
 
