@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.bus import keys
 from coffer.bus.rpc import RpcClient
+from coffer.bus.topics import CONDUCTOR_TOPIC, CONTROL_KEY_ID, TASKMANAGER_TOPIC, guest_topic
 from coffer.bus.transport import EmbeddedBroker, resolve_url
 from coffer.config import Settings
 from coffer.db import migrate
@@ -29,13 +30,7 @@ from coffer.errors import NotFound
 
 LOG = logging.getLogger(__name__)
 
-TASKMANAGER_TOPIC = "taskmanager"
-CONDUCTOR_TOPIC = "conductor"
-CONTROL_KEY_ID = "control"
-
-
-def guest_topic(instance_id: str) -> str:
-    return f"guestagent.{instance_id}"
+__all__ = ["CONDUCTOR_TOPIC", "CONTROL_KEY_ID", "TASKMANAGER_TOPIC", "ControlPlane", "guest_topic"]
 
 
 def prepare_state_dir(path: Path) -> None:

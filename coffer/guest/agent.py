@@ -23,7 +23,7 @@ from typing import Any
 
 from coffer.bus.envelope import StaticKeyRing
 from coffer.bus.rpc import RpcClient, RpcServer
-from coffer.controlplane import CONDUCTOR_TOPIC, guest_topic
+from coffer.bus.topics import CONDUCTOR_TOPIC, guest_topic
 from coffer.datastores.registry import DEFAULT_PORTS, plugin_class
 from coffer.errors import CofferError
 from coffer.guest.datastores.base import Datastore, EngineSpec
