@@ -93,5 +93,8 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(identity.router)
     app.include_router(catalog.router)
     app.include_router(instances.router)
+    from coffer.api.routes import backups
+
+    app.include_router(backups.router)
     app.include_router(configurations.router)
     return app

@@ -78,7 +78,7 @@ class SequenceGuard:
 class Conductor:
     """RPC endpoints for guest reports. ``instance_id`` is checked against the sealed sender."""
 
-    rpc_methods = frozenset({"heartbeat"})
+    rpc_methods = frozenset({"heartbeat", "update_backup"})
 
     def __init__(self, cp: ControlPlane, topic: str = CONDUCTOR_TOPIC) -> None:
         self.cp = cp
@@ -119,6 +119,40 @@ class Conductor:
         if message and observed is ServiceStatus.FAILED:
             LOG.warning("instance %s reports failure: %s", instance_id, message)
 
+    def update_backup(
+        self,
+        instance_id: str,
+        backup_id: str,
+        state: str,
+        sent_at: float,
+        size: int | None = None,
+        raw_size: int | None = None,
+        checksum: str | None = None,
+        wrapped_key: str | None = None,
+        engine_position: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Record a guest's report on one of its own instance's backups (progress or result).
+
+        See ``coffer.taskmanager.backups.apply_backup_report``: a report on another instance's
+        backup raises SealError (dropped), and a finished backup never changes again.
+        """
+        from coffer.taskmanager.backups import apply_backup_report
+
+        report = {
+            "state": state,
+            "size": size,
+            "raw_size": raw_size,
+            "checksum": checksum,
+            "wrapped_key": wrapped_key,
+            "engine_position": engine_position,
+            "reason": reason,
+        }
+        with transaction(self.cp.session_factory) as session:
+            new_state = apply_backup_report(session, instance_id, backup_id, report)
+        if new_state is not None and state != "building":
+            LOG.info("backup %s of instance %s is %s", backup_id, instance_id, new_state.value)
+
     def start(self) -> None:
         self._server = RpcServer(
             self.cp.bus_url,
@@ -158,3 +192,17 @@ class _SenderBound:
                 "a guest may only report on itself"
             )
         self._conductor.heartbeat(**kwargs)
+
+    def update_backup(self, **kwargs: Any) -> None:
+        self._check_sender(kwargs)
+        self._conductor.update_backup(**kwargs)
+
+    @staticmethod
+    def _check_sender(kwargs: dict[str, Any]) -> None:
+        sender = getattr(_CURRENT, "sender", None)
+        _CURRENT.sender = None
+        if sender is None or kwargs.get("instance_id") != sender:
+            raise SealError(
+                f"instance {sender} sent a report about {kwargs.get('instance_id')}; "
+                "a guest may only report on itself"
+            )

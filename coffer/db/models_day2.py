@@ -3,9 +3,6 @@ parameter rules per datastore version, instance events.
 
 Imported at the bottom of ``coffer.db.models`` so every table shares one metadata. Schema changes
 here go into the Alembic revision ``0004_day2``.
-
-Instance events (issue 6 item 8) are not here yet: their table joins this module, and the
-``0004_day2`` revision, when that item is built.
 """
 
 from __future__ import annotations
@@ -77,3 +74,25 @@ class ConfigurationValue(Base):
     )
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[Any] = mapped_column(JSON)
+
+
+class InstanceEvent(Base):
+    """One operation on an instance as its owner sees it (issue 6 item 8): what was asked
+    (``action`` and ``details``), by whom (``user_id``; None when Coffer started it itself, e.g.
+    to apply a changed configuration group), when (``created``, ``finished``), and how it ended
+    (``state``: running, succeeded or failed, with ``fault_message`` saying why it failed).
+    ``operation_id`` ties it to the durable operation that carried it out. Kept with the
+    instance's row (instances are deleted softly), so the history outlives a delete."""
+
+    __tablename__ = "instance_events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    instance_id: Mapped[str] = mapped_column(String(36), ForeignKey("instances.id"), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    fault_message: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    operation_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -25,7 +25,8 @@ from coffer.bus.envelope import StaticKeyRing
 from coffer.bus.rpc import RpcClient, RpcServer
 from coffer.bus.topics import CONDUCTOR_TOPIC, guest_topic
 from coffer.datastores.registry import DEFAULT_PORTS, plugin_class
-from coffer.errors import CofferError
+from coffer.errors import CofferError, NotImplementedByDatastore
+from coffer.guest.backup.worker import BackupWorker
 from coffer.guest.datastores.base import Datastore, EngineSpec
 from coffer.guest.layout import InstanceLayout
 from coffer.status import ServiceStatus
@@ -56,7 +57,21 @@ class GuestAgent:
     """The agent of one instance. Build with a ``guest.json`` path, then ``run()``."""
 
     rpc_methods = frozenset(
-        {"prepare", "ping", "get_status", "stop_db", "start_db", "restart", *_DELEGATED}
+        {
+            "prepare",
+            "ping",
+            "get_status",
+            "stop_db",
+            "start_db",
+            "restart",
+            "reconfigure",
+            "apply_overrides",
+            "create_backup",
+            "backup_status",
+            "restore",
+            "restore_status",
+            *_DELEGATED,
+        }
     )
 
     def __init__(self, config_path: Path) -> None:
@@ -67,19 +82,7 @@ class GuestAgent:
         self.url: str = config["transport_url"]
         self.interval = float(config.get("heartbeat_interval", 10.0))
         self.layout = InstanceLayout(config_path.parent)
-        addresses = config["addresses"]
-        binds = [a for a in (addresses.get("private"), addresses.get("public")) if a]
-        flavor = config["flavor"]
-        self.spec = EngineSpec(
-            layout=self.layout,
-            bind_addresses=binds,
-            port=DEFAULT_PORTS[self.manager],
-            memory_mb=int(flavor["ram"]),
-            vcpus=int(flavor["vcpus"]),
-            volume_size_gb=int(config["volume_size_gb"]),
-            allowed_cidrs=tuple(config.get("allowed_cidrs") or ()),
-            template_dir=Path(config["template_dir"]) if config.get("template_dir") else None,
-        )
+        self.spec = engine_spec(self.layout, self.manager, config)
         self.datastore: Datastore = plugin_class(self.manager)(self.spec)
         self._state_dir = self.layout.root / "state"
         self._state_dir.mkdir(exist_ok=True)
@@ -97,6 +100,11 @@ class GuestAgent:
             workers=2,
         )
         self._last_report_error = 0.0
+        #: Backups and restores run in background threads (``coffer.guest.backup.worker``), so
+        #: the loop keeps reporting heartbeats while they stream.
+        self._backups = BackupWorker(
+            lambda: self.datastore, self._state_dir, self._report_backup, lambda: self.prepared
+        )
 
     # -- local state -----------------------------------------------------------------------------
 
@@ -124,6 +132,7 @@ class GuestAgent:
         Idempotent: a repeated prepare (the taskmanager retrying after a crash) only makes sure
         the engine runs.
         """
+        self._backups.ensure_not_restoring()
         with self._action_lock:
             if not self.prepared:
                 LOG.info("preparing %s engine", self.manager)
@@ -161,6 +170,78 @@ class GuestAgent:
             self._set_desired("running")
             self.datastore.start()
         self._report(self.datastore.status())
+
+    def reconfigure(self) -> dict[str, Any]:
+        """Read ``guest.json`` again (the compute driver rewrote it for a resize or an access
+        change) and make the engine match it: restart it once when its addresses or sizing
+        changed, else let it pick up what it can while running (PostgreSQL reloads its access
+        rules and volume-bound settings). Returns ``{"restarted", "status"}``."""
+        config = json.loads(self.layout.guest_config.read_text())
+        spec = engine_spec(self.layout, self.manager, config)
+        with self._action_lock:
+            old = self.spec
+            restart = (old.bind_addresses, old.memory_mb, old.vcpus) != (
+                spec.bind_addresses,
+                spec.memory_mb,
+                spec.vcpus,
+            )
+            datastore = plugin_class(self.manager)(spec)
+            if restart:
+                LOG.info("addresses or sizing changed; restarting the engine to apply them")
+                self.datastore.stop()
+            self.spec, self.datastore = spec, datastore
+            if self.prepared and self._desired() == "running":
+                datastore.start()  # after a stop: a fresh start; else adopts (and reloads)
+            status = datastore.status()
+        self._report(status)
+        return {"restarted": restart, "status": status.value}
+
+    def apply_overrides(
+        self, values: dict[str, Any], restart_required: list[str]
+    ) -> dict[str, Any]:
+        """Run the engine with exactly ``values`` (a configuration group's; none after a detach):
+        see ``coffer.guest.config.overrides.OverridesHandler.apply``."""
+        handler = getattr(self.datastore, "overrides", None)
+        if handler is None:
+            raise NotImplementedByDatastore(
+                f"The {self.manager} datastore does not support configuration groups."
+            )
+        with self._action_lock:
+            result: dict[str, Any] = handler.apply(values, restart_required)
+        return result
+
+    def create_backup(
+        self,
+        backup_id: str,
+        storage: dict[str, Any],
+        storage_key: str,
+        backup_key: str,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Start taking a backup in the background (see ``BackupWorker.start_backup``)."""
+        return self._backups.start_backup(
+            backup_id, storage, storage_key, backup_key, parent, metadata
+        )
+
+    def backup_status(self, backup_id: str) -> dict[str, Any]:
+        return self._backups.backup_status(backup_id)
+
+    def restore(self, backups: list[dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
+        """Start filling the empty data directory from a backup chain, before ``prepare``."""
+        return self._backups.start_restore(backups, storage)
+
+    def restore_status(self) -> dict[str, Any]:
+        return self._backups.restore_status()
+
+    def _report_backup(self, backup_id: str, fields: dict[str, Any]) -> None:
+        self._conductor.cast(
+            "update_backup",
+            instance_id=self.instance_id,
+            backup_id=backup_id,
+            sent_at=time.time(),
+            **fields,
+        )
 
     def __getattr__(self, name: str) -> Any:
         # Database/user/root calls go straight to the datastore plugin.
@@ -239,6 +320,24 @@ class GuestAgent:
             self._report(ServiceStatus.SHUTDOWN)
         finally:
             self._conductor.close()
+
+
+def engine_spec(layout: InstanceLayout, manager: str, config: dict[str, Any]) -> EngineSpec:
+    """The engine's spec from ``guest.json``: the instance's addresses (private, then public),
+    its flavor, its volume and the networks clients may connect from."""
+    addresses = config["addresses"]
+    binds = [a for a in (addresses.get("private"), addresses.get("public")) if a]
+    flavor = config["flavor"]
+    return EngineSpec(
+        layout=layout,
+        bind_addresses=binds,
+        port=DEFAULT_PORTS[manager],
+        memory_mb=int(flavor["ram"]),
+        vcpus=int(flavor["vcpus"]),
+        volume_size_gb=int(config["volume_size_gb"]),
+        allowed_cidrs=tuple(config.get("allowed_cidrs") or ()),
+        template_dir=Path(config["template_dir"]) if config.get("template_dir") else None,
+    )
 
 
 def main(config_path: Path) -> None:

@@ -19,6 +19,7 @@ from coffer.db.models import (
 from coffer.db.session import transaction
 from coffer.errors import CofferError, RemoteError, RpcTimeout
 from coffer.status import ServerStatus, ServiceStatus, Task
+from coffer.taskmanager.backups import RestoreStep
 from coffer.taskmanager.operations import NEXT, Context, Flow, OperationFailed, StepResult, Wait
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class InstanceFlows:
                 [
                     ("allocate", self.allocate),
                     ("create_server", self.create_server),
+                    # A no-op unless the create restores a backup (restorePoint).
+                    ("restore", RestoreStep(self.cp)),
                     ("prepare", self.prepare),
                     ("wait_ready", self.wait_ready),
                 ],

@@ -21,6 +21,8 @@ from coffer.controlplane import CONTROL_KEY_ID, TASKMANAGER_TOPIC, ControlPlane
 from coffer.db.models import AddressAllocation, Instance, Operation
 from coffer.db.session import transaction
 from coffer.status import ServerStatus, Task
+from coffer.taskmanager.backups import BackupFlows
+from coffer.taskmanager.day2 import Day2Flows
 from coffer.taskmanager.instances import InstanceFlows
 from coffer.taskmanager.operations import PENDING, RUNNING, Runner
 
@@ -37,7 +39,15 @@ class TaskManager:
     def __init__(self, cp: ControlPlane, compute: ComputeDriver, workers: int = 16) -> None:
         self.cp = cp
         self.compute = compute
-        self.runner = Runner(cp.session_factory, InstanceFlows(cp, compute).flows())
+        self.day2 = Day2Flows(cp, compute)
+        self.runner = Runner(
+            cp.session_factory,
+            {
+                **InstanceFlows(cp, compute).flows(),
+                **self.day2.flows(),
+                **BackupFlows(cp).flows(),
+            },
+        )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tm-op")
         self._inflight: dict[str, Future[None]] = {}
         self._inflight_lock = threading.Lock()
@@ -86,6 +96,12 @@ class TaskManager:
                 self._dispatch()
             except Exception:
                 LOG.exception("taskmanager loop error; continuing")
+            try:
+                # Configuration groups changed since they were applied get applied again.
+                if self.day2.converge_if_due():
+                    self._wake.set()
+            except Exception:
+                LOG.exception("could not check configuration groups; will try again")
             self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
 
@@ -139,7 +155,7 @@ class TaskManager:
                 except Exception:
                     LOG.exception("could not remove orphaned server %s", instance_id)
         for instance_id, inst in live.items():
-            if instance_id in pending_ops or inst.task is not Task.NONE:
+            if instance_id in pending_ops or inst.task not in (Task.NONE, Task.RESTART_REQUIRED):
                 continue
             if inst.server_status is not ServerStatus.ACTIVE:
                 continue

@@ -75,7 +75,8 @@ BAD_CREATES = [
         "not in the instance's databases",
     ),
     ({"name": ""}, 400, "Validation error"),
-    ({"restorePoint": {"backupRef": "x"}}, 501, "not supported"),
+    ({"restorePoint": {"backupRef": "x"}}, 404, "could not be found"),
+    ({"replica_of": "x"}, 501, "not supported"),
 ]
 
 

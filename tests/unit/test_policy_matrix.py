@@ -49,6 +49,7 @@ from coffer.db.models import (
     ServiceStatusRow,
     utcnow,
 )
+from coffer.db.models_backups import Backup, BackupState, BackupStrategy
 from coffer.db.models_day2 import Configuration, ConfigurationParameterRule, ConfigurationValue
 from coffer.db.session import transaction
 from coffer.identity import IdentityService
@@ -70,6 +71,8 @@ PASSWORDS = {
 IDENTITIES = ("anonymous", "foreign", "other", "reader", "member", "admin")
 #: Demo's configuration group, put back by ``World.reset`` after a test deletes or changes it.
 CONFIGURATION_ID = "c0ff1e00-0000-4000-8000-00000000c0f1"
+#: Demo's completed backup of the matrix instance, put back by ``World.reset``.
+BACKUP_ID = "bac0b000-0000-4000-8000-00000000bac0"
 
 
 # --- the world: a control plane, the app, a demo instance and its stand-in guest ----------------
@@ -221,7 +224,42 @@ class World:
             )
             self.spare_version_id = spare.id
             self._reset_configuration(session)
+            self._reset_backups(session)
         self.guest.calls.clear()
+
+    def _reset_backups(self, session: Any) -> None:
+        # Only demo's completed backup and its quota charge stay; what a request added goes.
+        for row in session.scalars(select(Backup).where(Backup.id != BACKUP_ID)):
+            session.delete(row)
+        for charge in session.scalars(
+            select(QuotaCharge).where(
+                QuotaCharge.holder_id.like("backup:%"),
+                QuotaCharge.holder_id != f"backup:{BACKUP_ID}",
+            )
+        ):
+            session.delete(charge)
+        for strategy in session.scalars(select(BackupStrategy)):
+            session.delete(strategy)
+        session.flush()
+        session.add(BackupStrategy(tenant_id=self.projects["demo"], swift_container="matrix"))
+        if session.get(Backup, BACKUP_ID) is None:
+            session.add(
+                Backup(
+                    id=BACKUP_ID,
+                    tenant_id=self.projects["demo"],
+                    name="matrix-backup",
+                    instance_id=self.instance_id,
+                    datastore_version_id=self.version_id,
+                    state=BackupState.COMPLETED,
+                    storage_driver="file",
+                    storage_key=f"{self.projects['demo']}/{BACKUP_ID}",
+                    checksum="0" * 64,
+                    wrapped_key="wrapped",
+                    size=1024,
+                    raw_size=4096,
+                    engine_position={},
+                )
+            )
 
     def _reset_configuration(self, session: Any) -> None:
         # Only the rules the mgmt routes of the matrix add, change or delete are restored:
@@ -261,7 +299,22 @@ class World:
             charges = session.scalar(select(func.count()).select_from(QuotaCharge))
             versions = session.scalar(select(func.count()).select_from(DatastoreVersion))
             root = session.get(RootEnabledHistory, self.instance_id) is not None
-            return (count, ops, charges, versions, inst.name, inst.task, root, *self._configs())
+            backups = tuple(
+                session.execute(select(Backup.id, Backup.state).order_by(Backup.id)).all()
+            )
+            strategies = session.scalar(select(func.count()).select_from(BackupStrategy))
+            return (
+                count,
+                ops,
+                charges,
+                versions,
+                inst.name,
+                inst.task,
+                root,
+                *self._configs(),
+                backups,
+                strategies,
+            )
 
     def _configs(self) -> tuple[Any, ...]:
         with self.cp.session_factory() as session:
@@ -462,6 +515,8 @@ _CHANGED_RULE = {
     }
 }
 _C = "/v1.0/{tenant_id}/configurations/{configuration_id}"
+#: The instance id is filled in by ``test_matrix`` (see ``_fill_body``).
+_BACKUP = {"backup": {"name": "matrix-b", "instance": "{instance_id}"}}
 _P = "/v1.0/{tenant_id}/datastores/{datastore}/versions/{version}/parameters"
 _PV = "/v1.0/{tenant_id}/datastores/versions/{version_id}/parameters"
 _MP = "/v1.0/{tenant_id}/mgmt/datastores/versions/{version_id}/parameters"
@@ -520,7 +575,16 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
     # Another project's member creates in its own project: allowed, and nothing of demo's shows.
     ("POST", "/v1.0/{tenant_id}/instances"): [Case(writes(200, other=200), body=_CREATE)],
     ("GET", _I): [Case(reads())],
-    ("PUT", _I): [Case(writes(), body={"instance": {"name": "renamed"}})],
+    ("PUT", _I): [
+        Case(writes(), body={"instance": {"name": "renamed"}}),
+        # Day-2 changes: detaching when nothing is attached changes nothing (202, as Trove);
+        # an access change is recorded and handed to the taskmanager.
+        Case(writes(), body={"instance": {"configuration": None}}),
+        Case(writes(), body={"instance": {"access": {"is_public": True}}}),
+        # The host runs one MariaDB, so there is nothing to upgrade to.
+        Case(writes(400), body={"instance": {"datastore_version": "spare"}}),
+    ],
+    ("GET", f"{_I}/events"): [Case(reads())],
     ("PATCH", _I): [Case(writes(), body={"instance": {"name": "renamed"}})],
     ("DELETE", _I): [Case(writes())],
     ("POST", f"{_I}/action"): [
@@ -534,12 +598,17 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
             body={"reset_status": {"force_delete": True}},
             denied_rule="instance:force_delete",
         ),
-        # Allowed, then refused as not supported yet: the rule is checked first.
-        Case(writes(501), body={"restart": {}}, denied_rule="instance:restart"),
+        Case(writes(), body={"restart": {}}, denied_rule="instance:restart"),
         Case(
-            writes(501),
+            writes(),
             body={"resize": {"volume": {"size": 2}}},
             denied_rule="instance:resize_volume",
+        ),
+        # Allowed, then refused for the body: the instance has that flavor already.
+        Case(
+            writes(400),
+            body={"resize": {"flavorRef": "6"}},
+            denied_rule="instance:resize_flavor",
         ),
     ],
     # -- databases, users, access, root --------------------------------------------------------
@@ -587,6 +656,17 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
     ("GET", f"{_MP}/{{parameter_name}}"): [Case(admins())],
     ("PUT", f"{_MP}/{{parameter_name}}"): [Case(admins(), body=_CHANGED_RULE)],
     ("DELETE", f"{_MP}/{{parameter_name}}"): [Case(admins(204))],
+    # -- backups and backup strategies ----------------------------------------------------------
+    ("GET", "/v1.0/{tenant_id}/backups"): [Case(reads(other=200))],
+    ("POST", "/v1.0/{tenant_id}/backups"): [Case(writes(), body=_BACKUP)],
+    ("GET", "/v1.0/{tenant_id}/backups/{backup_id}"): [Case(reads())],
+    ("DELETE", "/v1.0/{tenant_id}/backups/{backup_id}"): [Case(writes())],
+    ("GET", f"{_I}/backups"): [Case(reads())],
+    ("GET", "/v1.0/{tenant_id}/backup_strategies"): [Case(reads(other=200))],
+    ("POST", "/v1.0/{tenant_id}/backup_strategies"): [
+        Case(writes(other=202), body={"backup_strategy": {"swift_container": "nightly"}})
+    ],
+    ("DELETE", "/v1.0/{tenant_id}/backup_strategies"): [Case(writes(other=202))],
     # -- management ----------------------------------------------------------------------------
     ("GET", "/v1.0/{tenant_id}/mgmt/instances"): [Case(admins())],
     ("GET", "/v1.0/{tenant_id}/mgmt/instances/{instance_id}"): [Case(admins())],
@@ -653,6 +733,7 @@ def _fill(world: World, path: str) -> str:
         "project_id": world.projects["demo"],
         "configuration_id": CONFIGURATION_ID,
         "parameter_name": "max_connections",
+        "backup_id": BACKUP_ID,
     }
     filled = path
     if "/mgmt/datastore-versions/{version_id}" in path:
@@ -661,6 +742,17 @@ def _fill(world: World, path: str) -> str:
     for key, value in values.items():
         filled = filled.replace("{" + key + "}", value)
     return filled
+
+
+def _fill_body(world: World, body: Any) -> Any:
+    """``body`` with ``{instance_id}`` in its strings replaced by the demo instance's id."""
+    if isinstance(body, dict):
+        return {key: _fill_body(world, value) for key, value in body.items()}
+    if isinstance(body, list):
+        return [_fill_body(world, value) for value in body]
+    if isinstance(body, str):
+        return body.replace("{instance_id}", world.instance_id)
+    return body
 
 
 CASES = [
@@ -682,7 +774,7 @@ def test_matrix(world: World, method: str, path: str, index: int) -> None:
         headers = case.headers(world, identity) if case.headers else {}
         kwargs: dict[str, Any] = {"headers": headers}
         if case.body is not None:
-            kwargs["json"] = case.body
+            kwargs["json"] = _fill_body(world, case.body)
         resp = world.request(method, identity, _fill(world, path) + case.query, **kwargs)
         expected = case.expect[identity]
         if resp.status_code != expected:

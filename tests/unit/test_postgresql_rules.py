@@ -319,6 +319,8 @@ def test_memory_settings_for_small_and_large_flavors() -> None:
 def test_pg_hba_rejects_the_agent_over_tcp_before_any_tenant_line() -> None:
     rows = [line.split() for line in render_hba(["10.1.0.0/16"]).splitlines() if line[:1] != "#"]
     assert rows == [
+        # Base backups are replication connections, over the socket only.
+        ["local", "replication", "os_admin", "scram-sha-256"],
         ["local", "all", "os_admin", "scram-sha-256"],
         ["host", "all", "os_admin", "0.0.0.0/0", "reject"],
         ["host", "all", "os_admin", "::/0", "reject"],

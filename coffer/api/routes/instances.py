@@ -29,6 +29,12 @@ from coffer.api.instance_schemas import (
 )
 from coffer.api.policy import authorize, enforce
 from coffer.api.routes import quotas as quota_routes
+from coffer.api.routes.backups import (
+    fail_running_backups,
+    restore_plan,
+    restore_version,
+    show_running_backups,
+)
 from coffer.api.routes.instance_support import (
     control_plane,
     load_instance,
@@ -55,6 +61,7 @@ from coffer.errors import (
 )
 from coffer.guest.datastores.base import Capability
 from coffer.status import ServerStatus, ServiceStatus, Task
+from coffer.taskmanager import day2, day2_requests
 from coffer.taskmanager.instances import CREATE, DELETE, seal_secret
 from coffer.taskmanager.operations import PENDING, RUNNING, enqueue
 
@@ -64,7 +71,6 @@ router = APIRouter(prefix="/v1.0/{tenant_id}", tags=["instances"], route_class=A
 
 NOT_YET = {
     "configuration": "configuration groups",
-    "restorePoint": "restore from backup",
     "replica_of": "replication",
     "replica_count": "replication",
     "modules": "modules",
@@ -101,6 +107,7 @@ def _list(
         more = len(rows) > page
         rows = rows[:page]
         items = [render_instance(request, ctx, session, r, detail) for r in rows]
+        show_running_backups(session, list(zip(rows, items, strict=True)))
     return paginated(request, items, rows[-1].id if more and rows else None, "instances", page)
 
 
@@ -134,7 +141,30 @@ def show_instance(
     cp = control_plane(request)
     with cp.session_factory() as session:
         inst = load_instance(session, ctx, instance_id)
-        return {"instance": render_instance(request, ctx, session, inst, detail=True)}
+        view = render_instance(request, ctx, session, inst, detail=True)
+        show_running_backups(session, [(inst, view)])
+        configuration = day2_requests.configuration_ref(session, inst, ctx.project_url)
+        if configuration is not None:
+            view["configuration"] = configuration
+        return {"instance": view}
+
+
+@router.get("/instances/{instance_id}/events")
+def list_instance_events(
+    request: Request,
+    instance_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("instance:show"))],
+) -> dict[str, Any]:
+    """The instance's operations (what, who, when, outcome, fault), newest first; whoever may
+    see the instance may see them."""
+    cp = control_plane(request)
+    with cp.session_factory() as session:
+        inst = load_instance(session, ctx, instance_id)
+        return {"events": day2.list_events(session, inst.id)}
+
+
+def _caller(ctx: RequestContext) -> day2.Caller:
+    return day2.Caller(ctx.project_id, ctx.auth.user_id, ctx.auth.is_admin)
 
 
 def _validate_create(
@@ -150,7 +180,9 @@ def _validate_create(
         raise BadRequest("flavorRef is required: pass the id of a flavor from GET /flavors.")
     flavor = find_flavor(session, spec.flavorRef)
     ds = spec.datastore or None
-    version = resolve_datastore_version(
+    # A restore that names no datastore gets the backup's (checked fully in restore_plan).
+    restored = restore_version(session, spec.restorePoint) if spec.restorePoint and not ds else None
+    version = restored or resolve_datastore_version(
         session,
         ds.type if ds else None,
         ds.version if ds else None,
@@ -208,6 +240,9 @@ def create_instance(
         enforce(request, ctx, "instance:extension:user:create")
     with transaction(cp.session_factory) as session:
         version, flavor, size = _validate_create(cp, session, body)
+        restore = None
+        if spec.restorePoint is not None:
+            restore = restore_plan(cp, session, ctx, spec.restorePoint, version, size)
         inst = Instance(
             tenant_id=ctx.project_id,
             user_id=ctx.auth.user_id,
@@ -240,6 +275,8 @@ def create_instance(
         }
         if users:
             payload["sealed_users"] = seal_secret(cp, users, f"users:{inst.id}")
+        if restore is not None:
+            payload["restore"] = restore.payload()
         op = enqueue(
             session,
             CREATE,
@@ -284,14 +321,21 @@ def update_instance(
     other = [k for k in changes if k != "name"]
     if len(other) > 1:
         raise BadRequest("Change at most one attribute besides 'name' per request.")
-    if other:
+    if other and other[0] not in ("configuration", "access", "datastore_version"):
         raise NotImplementedByDatastore(
             f"Changing '{other[0]}' is not supported by this deployment yet."
         )
+    op_id = None
     with transaction(cp.session_factory) as session:
         inst = load_instance(session, ctx, instance_id)
+        if other:
+            op_id = day2_requests.request_update(
+                cp, session, _caller(ctx), inst, other[0], changes[other[0]]
+            )
         if body.instance.name is not None:
-            inst.name = body.instance.name
+            day2_requests.record_rename(session, _caller(ctx), inst, body.instance.name)
+    if op_id is not None:
+        wake_taskmanager(cp, op_id)
     return Response(status_code=202)
 
 
@@ -352,6 +396,12 @@ def instance_action(
     enforce(request, ctx, rule)
     if action == "reset_status":
         return _reset_status(cp, ctx, instance_id, rule == "instance:force_delete")
+    if action in ("restart", "resize"):
+        with transaction(cp.session_factory) as session:
+            inst = load_instance(session, ctx, instance_id)
+            op_id = day2_requests.request_action(cp, session, _caller(ctx), inst, action, args)
+        wake_taskmanager(cp, op_id)
+        return Response(status_code=202)
     with cp.session_factory() as session:
         load_instance(session, ctx, instance_id)  # another project's id is 404 whatever the action
     raise NotImplementedByDatastore(f"The {action} action is not supported yet.")
@@ -371,6 +421,8 @@ def _reset_status(
             op.state = "failed"
             op.error = "cancelled by reset_status"
             op.lease_owner = None
+        # As in Trove, backups still being taken end FAILED (their operations were just stopped).
+        fail_running_backups(session, inst.id, "The backup was cancelled by reset_status.")
         inst.task = Task.NONE
         inst.task_description = ""
         row = session.get(ServiceStatusRow, inst.id)

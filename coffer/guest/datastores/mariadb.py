@@ -69,6 +69,9 @@ from coffer.errors import (
     UserNotFound,
     ValidationError,
 )
+from coffer.guest.backup.base import EngineAccess
+from coffer.guest.backup.mariadb import MariaDBBackup
+from coffer.guest.config.mariadb import MariaDBOverrides
 from coffer.guest.datastores.base import (
     Capability,
     Datastore,
@@ -192,7 +195,7 @@ class MariaDBDatastore(Datastore):
 
     manager: ClassVar[str] = "mariadb"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DATABASES, Capability.USERS, Capability.ROOT}
+        {Capability.DATABASES, Capability.USERS, Capability.ROOT, Capability.BACKUP}
     )
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -223,6 +226,15 @@ class MariaDBDatastore(Datastore):
             "mariadbd", self.pidfile, f"--defaults-file={self.config_file}", self._run_as
         )
         self._lock = threading.RLock()
+        #: Configuration group values: SET GLOBAL, and etc/overrides.cnf included by my.cnf.
+        self.overrides = MariaDBOverrides(
+            layout, self._owner, self._process.pid, self._admin, self.render_config
+        )
+        #: Backup and restore (``coffer.guest.backup``). A restore fills the empty data
+        #: directory before the first start, in place of a template or mariadb-install-db.
+        self.backups = MariaDBBackup(
+            EngineAccess(layout, self._run_as, self.socket, self._admin_password)
+        )
 
     # -- installation -------------------------------------------------------------------------
 
@@ -279,6 +291,8 @@ class MariaDBDatastore(Datastore):
         }
         lines = ["# Written by Coffer at every start; edits here are lost.", "[mariadbd]"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
+        # Last, so a configuration group's values win over the flavor's.
+        lines += self.overrides.include_lines()
         return "\n".join(lines) + "\n"
 
     def _write_config(self) -> None:

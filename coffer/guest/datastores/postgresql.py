@@ -60,6 +60,9 @@ from coffer.errors import (
     UserNotFound,
     ValidationError,
 )
+from coffer.guest.backup.base import EngineAccess
+from coffer.guest.backup.postgresql import PostgreSQLBackup
+from coffer.guest.config.postgresql import PostgreSQLOverrides
 from coffer.guest.datastores.base import (
     Capability,
     Datastore,
@@ -161,6 +164,8 @@ def client_networks(allowed_cidrs: Iterable[str]) -> list[str]:
 def render_hba(allowed_cidrs: Iterable[str]) -> str:
     """``pg_hba.conf`` for an instance: see the module docstring for who may connect."""
     rows = [
+        # Base backups (pg_basebackup) are replication connections, which "all" does not match.
+        ("local", "replication", ADMIN_USER, "", "scram-sha-256"),
         ("local", "all", ADMIN_USER, "", "scram-sha-256"),
         # First match wins: the agent's account never gets a password prompt over TCP.
         ("host", "all", ADMIN_USER, "0.0.0.0/0", "reject"),
@@ -193,7 +198,7 @@ class PostgreSQLDatastore(Datastore):
 
     manager: ClassVar[str] = "postgresql"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DATABASES, Capability.USERS, Capability.ROOT}
+        {Capability.DATABASES, Capability.USERS, Capability.ROOT, Capability.BACKUP}
     )
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -228,6 +233,15 @@ class PostgreSQLDatastore(Datastore):
         self._lock = threading.RLock()
         #: The SQL half: databases, users, grants and root.
         self.catalog = PostgreSQLCatalog(self._admin, self.reserved_users)
+        #: Configuration group values: ALTER SYSTEM + reload (postgresql.auto.conf keeps them).
+        self.overrides = PostgreSQLOverrides(
+            layout, self._owner, self._process.pid, self._admin, self._reload
+        )
+        #: Backup and restore (``coffer.guest.backup``). A restore fills the empty data
+        #: directory before the first start, in place of initdb.
+        self.backups = PostgreSQLBackup(
+            EngineAccess(layout, self._run_as, self.socket, self._admin_password, port=spec.port)
+        )
 
     # -- installation -------------------------------------------------------------------------
 
@@ -548,11 +562,15 @@ class PostgreSQLDatastore(Datastore):
     def _reload(self) -> None:
         """Make the running server read its configuration again, and wait until it has."""
         with self._admin() as conn:
+            # A changed parameter that needs a restart (a configuration group's, from ALTER
+            # SYSTEM) "could not be applied" by a reload: it is pending, not wrong.
             bad = conn.execute(
                 "SELECT 'pg_hba.conf line ' || line_number || ': ' || error "
                 "FROM pg_hba_file_rules WHERE error IS NOT NULL UNION ALL "
                 "SELECT sourcefile || ' line ' || sourceline || ': ' || error "
-                "FROM pg_file_settings WHERE error IS NOT NULL"
+                "FROM pg_file_settings f WHERE error IS NOT NULL AND NOT ("
+                "error = 'setting could not be applied' AND EXISTS (SELECT FROM pg_settings s "
+                "WHERE lower(s.name) = lower(f.name) AND s.context = 'postmaster'))"
             ).fetchall()
             if bad:
                 raise EngineError(

@@ -62,6 +62,9 @@ from redis.retry import Retry
 
 from coffer.datastores import redis_rules as rules
 from coffer.errors import CofferError, EngineError, UserAlreadyExists, UserNotFound, ValidationError
+from coffer.guest.backup.base import EngineAccess
+from coffer.guest.backup.redis import RedisBackup
+from coffer.guest.config.redis import RedisOverrides
 from coffer.guest.datastores.base import (
     Capability,
     Datastore,
@@ -139,7 +142,9 @@ class RedisDatastore(Datastore):
     """
 
     manager: ClassVar[str] = "redis"
-    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.USERS, Capability.ROOT})
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.USERS, Capability.ROOT, Capability.BACKUP}
+    )
     capability_notes: ClassVar[dict[Capability, str]] = {
         Capability.DATABASES: rules.DATABASES_UNSUPPORTED
     }
@@ -174,6 +179,15 @@ class RedisDatastore(Datastore):
             "redis-server", self.pidfile, str(self.config_file), self._run_as
         )
         self._lock = threading.RLock()
+        #: Configuration group values: CONFIG SET, and etc/overrides.conf included by redis.conf.
+        self.overrides = RedisOverrides(
+            layout, self._owner, self._process.pid, self._admin, self.render_config
+        )
+        #: Backup and restore (``coffer.guest.backup``). A restored snapshot is loaded at the
+        #: first start with AOF off, then AOF is rebuilt from it (``_finish_restore``).
+        self.backups = RedisBackup(
+            EngineAccess(layout, self._run_as, self.socket, self._admin_password)
+        )
 
     # -- installation -------------------------------------------------------------------------
 
@@ -209,7 +223,8 @@ class RedisDatastore(Datastore):
             "loglevel": "notice",
             "always-show-logo": "no",
             "aclfile": str(self.acl_file),
-            "appendonly": "yes",
+            # Off only for the first start after a restore, so Redis loads the restored RDB.
+            "appendonly": "no" if self.backups.restore_pending() else "yes",
             "appendfsync": "everysec",
             "aof-use-rdb-preamble": "yes",
             "save": "3600 1 300 100 60 10000",
@@ -225,6 +240,8 @@ class RedisDatastore(Datastore):
         }
         lines = ["# Written by Coffer at every start; edits here are lost."]
         lines += [f"{key} {value}" for key, value in settings.items()]
+        # Last, so a configuration group's values win over the flavor's.
+        lines += self.overrides.include_lines()
         return "\n".join(lines) + "\n"
 
     def _write_acl_file(self, admin_password: str) -> None:
@@ -278,6 +295,7 @@ class RedisDatastore(Datastore):
             running = self._process.pid()
             if running is not None:
                 self._wait_ready(deadline)
+                self._finish_restore()
                 if not self._process.is_child(running):
                     LOG.info("adopted the running redis-server (pid %s)", running)
                 return
@@ -305,6 +323,14 @@ class RedisDatastore(Datastore):
                 ",".join(self.spec.bind_addresses),
                 self.spec.port,
             )
+            self._finish_restore()
+
+    def _finish_restore(self) -> None:
+        """Turn AOF on once a restored snapshot is loaded (see ``coffer.guest.backup.redis``)."""
+        if self.backups.restore_pending():
+            with self._admin() as client:
+                self.backups.finish_restore(client)
+            LOG.info("loaded the restored snapshot and rebuilt the AOF from it")
 
     def _admin_password(self, create: bool = False) -> str:
         try:

@@ -2,8 +2,6 @@
 
 Revision ID: 0004_day2
 Revises: 0003_backups
-
-Instance events are not part of this revision yet (see ``coffer.db.models_day2``).
 """
 
 from __future__ import annotations
@@ -72,9 +70,35 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("configuration_id", "name", name=op.f("pk_configuration_values")),
     )
+    op.create_table(
+        "instance_events",
+        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column("instance_id", sa.String(length=36), nullable=False),
+        sa.Column("action", sa.String(length=64), nullable=False),
+        sa.Column("user_id", sa.String(length=64), nullable=True),
+        sa.Column("details", sa.JSON(), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("fault_message", sa.String(length=255), nullable=True),
+        sa.Column("operation_id", sa.String(length=36), nullable=True),
+        sa.Column("created", sa.DateTime(), nullable=False),
+        sa.Column("finished", sa.DateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["instance_id"],
+            ["instances.id"],
+            name=op.f("fk_instance_events_instance_id_instances"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_instance_events")),
+    )
+    with op.batch_alter_table("instance_events", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_instance_events_instance_id"), ["instance_id"], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("instance_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_instance_events_instance_id"))
+    op.drop_table("instance_events")
     op.drop_table("configuration_values")
     with op.batch_alter_table("configurations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_configurations_tenant_id"))
