@@ -37,6 +37,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from coffer.datastores.rules_common import collect_names
 from coffer.errors import ValidationError
 
 #: PostgreSQL's identifier limit in bytes (``NAMEDATALEN - 1``).
@@ -314,17 +315,7 @@ def validate_database(spec: Any) -> dict[str, Any]:
 
 def database_names(entries: Any, field: str = "databases") -> list[str]:
     """Names from Trove's ``[{"name": ...}]`` (plain strings accepted too), each validated."""
-    if entries is None:
-        return []
-    if not isinstance(entries, list):
-        raise ValidationError(f"The {field} must be a list of objects with a 'name'.")
-    names: list[str] = []
-    for entry in entries:
-        name = entry.get("name") if isinstance(entry, Mapping) else entry
-        name = validate_database_name(name)
-        if name not in names:
-            names.append(name)
-    return names
+    return collect_names(entries, validate_database_name, field)
 
 
 def validate_user(
