@@ -20,12 +20,13 @@ import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from coffer.errors import EngineError, ValidationError
 from coffer.guest.layout import chown_to, lookup_user
+from coffer.status import ServiceStatus
 
 _POLL_INTERVAL = 0.05
 
@@ -269,3 +270,15 @@ class EngineProcess:
     def _signal(pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def engine_status(process: EngineProcess, answers: Callable[[], bool]) -> ServiceStatus:
+    """The status every datastore reports: stopped → SHUTDOWN, died without being asked →
+    CRASHED, alive → HEALTHY when ``answers()`` (the engine's own health query) succeeds, else
+    BLOCKED."""
+    state = process.state()
+    if state is ProcessState.STOPPED:
+        return ServiceStatus.SHUTDOWN
+    if state is ProcessState.DIED:
+        return ServiceStatus.CRASHED
+    return ServiceStatus.HEALTHY if answers() else ServiceStatus.BLOCKED

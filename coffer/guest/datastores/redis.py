@@ -74,7 +74,7 @@ from coffer.guest.datastores.base import (
 )
 from coffer.guest.datastores.process import (
     EngineProcess,
-    ProcessState,
+    engine_status,
     os_user_name,
     resolve_run_as,
 )
@@ -407,12 +407,7 @@ class RedisDatastore(Datastore):
         return self._process.pid() is not None
 
     def status(self) -> ServiceStatus:
-        state = self._process.state()
-        if state is ProcessState.STOPPED:
-            return ServiceStatus.SHUTDOWN
-        if state is ProcessState.DIED:
-            return ServiceStatus.CRASHED
-        return ServiceStatus.HEALTHY if self._answers() else ServiceStatus.BLOCKED
+        return engine_status(self._process, self._answers)
 
     # -- connection and errors ----------------------------------------------------------------
 
