@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -154,6 +155,8 @@ class Flavor(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    #: A page of a project's live instances (newest first) is read off this index alone.
+    __table_args__ = (Index("ix_instances_page", "tenant_id", "deleted", "created", "id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -305,4 +308,9 @@ class QuotaCharge(Base):
 
 
 # Tables of later features live in their own modules and join this metadata here.
-from coffer.db import models_backups, models_day2  # noqa: E402, F401
+from coffer.db import (  # noqa: E402, F401
+    models_archive,
+    models_backups,
+    models_day2,
+    models_schedules,
+)
