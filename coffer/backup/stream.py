@@ -339,3 +339,15 @@ def _usable_cpus() -> int:
     except (AttributeError, OSError):
         count = os.cpu_count() or 1
     return max(1, min(count, MAX_THREADS))
+
+
+def pending_wrapped_key(info_of: Callable[[], SealedStreamInfo]) -> str:
+    """The wrapped data key of a stream ``seal_stream`` is producing, known before its first byte.
+
+    For stores that take an object's metadata before its body (the WAL archive keeps the key
+    there). ``info_of`` is the second value ``seal_stream`` returned; TypeError for anything else.
+    """
+    outcome = getattr(info_of, "__self__", None)
+    if not isinstance(outcome, _SealOutcome):
+        raise TypeError("pending_wrapped_key needs the info function seal_stream returned")
+    return outcome.wrapped_key

@@ -19,9 +19,17 @@ backup (its full backup first, then each incremental) is handed to the new insta
 which verifies every object completely before it writes anything, then fills the empty data
 directory; ``prepare`` then starts the restored engine.
 
+**Log archive** (engines whose backups restore to a point in time: PostgreSQL): each backup
+request also carries the instance's archive settings (``archive_request``: the storage, the prefix
+``<project>/archive/<instance id>`` and the archive key), so the guest archives its log from its
+first backup on; the control DB keeps the archive's extent (``InstanceArchive``), which the
+guest's reports move forward (``apply_archive_report``). A point-in-time restore hands the new
+guest the source's archive settings and the target time besides the chain.
+
 Keys: each backup's data key is wrapped under a key-encryption key derived from the operator's
-master key for that backup id (``backup_key``). The guest gets that derived key for the backups it
-writes or restores, never the master key.
+master key for that backup id (``backup_key``), and each archived file's under the instance's
+archive key (``archive_key``). The guest gets those derived keys for what it writes or restores,
+never the master key.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +52,11 @@ from coffer.bus import keys
 from coffer.config import Settings
 from coffer.controlplane import ControlPlane
 from coffer.db.models import DatastoreVersion, Instance, utcnow
+from coffer.db.models_archive import InstanceArchive
 from coffer.db.models_backups import INCREMENTAL, Backup, BackupState
 from coffer.db.session import transaction
 from coffer.errors import RemoteError, RpcTimeout, SealError, ValidationError
+from coffer.guest.backup import supports_point_in_time
 from coffer.status import Task
 from coffer.storage.base import BackupStorage, StorageError, storage_from_settings
 from coffer.taskmanager.operations import NEXT, Context, Flow, OperationFailed, StepResult, Wait
@@ -76,6 +88,84 @@ def backup_key(cp: ControlPlane, backup_id: str) -> bytes:
 
 def storage_key(project_id: str, backup_id: str) -> str:
     return f"{project_id}/{backup_id}"
+
+
+def archive_key(cp: ControlPlane, instance_id: str) -> bytes:
+    """The key-encryption key of one instance's log archive, derived from the master key."""
+    return keys.derive_key(cp.master_key, f"archive:{instance_id}")
+
+
+def archive_prefix(project_id: str, instance_id: str) -> str:
+    return f"{project_id}/archive/{instance_id}"
+
+
+def ensure_archive(session: Session, settings: Settings, inst: Instance) -> InstanceArchive:
+    """The archive row of ``inst``, recorded now if this is its first backup."""
+    row = session.get(InstanceArchive, inst.id)
+    if row is None:
+        row = InstanceArchive(
+            instance_id=inst.id,
+            tenant_id=inst.tenant_id,
+            storage_driver=settings.storage.driver,
+            prefix=archive_prefix(inst.tenant_id, inst.id),
+        )
+        session.add(row)
+        session.flush()
+    return row
+
+
+def archive_request(cp: ControlPlane, row: InstanceArchive) -> dict[str, Any]:
+    """What a guest needs to write (or read) one instance's archive; secrets included, so it
+    travels only inside messages sealed with the receiving instance's key."""
+    return {
+        "instance_id": row.instance_id,
+        "storage": storage_spec(cp.settings),
+        "prefix": row.prefix,
+        "key": base64.b64encode(archive_key(cp, row.instance_id)).decode(),
+        "timeout": cp.settings.default.backup_archive_timeout,
+    }
+
+
+_WAL_FILE = re.compile(r"[0-9A-F]{24}")
+_BINLOG_FILE = re.compile(r"[A-Za-z0-9_-]+\.(\d{6,})")
+
+
+def _archive_order(name: str) -> tuple[int, str]:
+    """Where an archived file stands: a WAL file by segment, a binary log by its number."""
+    binlog = _BINLOG_FILE.fullmatch(name)
+    if binlog is not None:
+        return int(binlog.group(1)), ""
+    return int(name[8:], 16), name[:8]
+
+
+def apply_archive_report(
+    session: Session, instance_id: str, segment: str, lsn: str | None, when: str | None
+) -> bool:
+    """Move the archive's extent of ``instance_id`` forward to ``segment`` (ended at ``lsn``,
+    covering every commit before ``when``); True if it moved. A report that is malformed, about
+    an archive never recorded, or not newer than what is known changes nothing."""
+    row = session.get(InstanceArchive, instance_id)
+    if row is None or not isinstance(segment, str):
+        return False
+    if not _WAL_FILE.fullmatch(segment) and not _BINLOG_FILE.fullmatch(segment):
+        return False
+    try:
+        moment = datetime.fromisoformat(str(when))
+    except ValueError:
+        return False
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    newest = row.newest_segment
+    if newest is not None:
+        known, new = _archive_order(newest), _archive_order(segment)
+        if new < known or (
+            new == known and row.newest_time is not None and moment <= row.newest_time
+        ):
+            return False  # older, or the same file with no later time (an idle engine's)
+    row.newest_segment = segment
+    row.newest_lsn = str(lsn)[:32] if lsn else None
+    row.newest_time = moment
+    return True
 
 
 def storage_spec(settings: Settings) -> dict[str, Any]:
@@ -246,6 +336,61 @@ def descendants(session: Session, backup_id: str) -> list[Backup]:
 # --- the flows ------------------------------------------------------------------------------
 
 
+def archive_start(row: Backup) -> str | None:
+    """The first archived file a full backup's point-in-time restores need (its WAL start or
+    its binary log file); None if it recorded none."""
+    position = row.engine_position or {}
+    for key in ("start_wal_file", "binlog_file"):
+        value = position.get(key)
+        if isinstance(value, str) and (_WAL_FILE.fullmatch(value) or _BINLOG_FILE.fullmatch(value)):
+            return value
+    return None
+
+
+def prune_archive(cp: ControlPlane, storage: BackupStorage, instance_id: str) -> int:
+    """Delete the archived log of ``instance_id`` older than its oldest remaining full backup
+    (all of it when none remains); drop the archive's record too once the instance is deleted
+    and none of its backups remains. The number of objects deleted."""
+    with cp.session_factory() as session:
+        archive = session.get(InstanceArchive, instance_id)
+        if archive is None:
+            return 0
+        fulls = list(
+            session.scalars(
+                select(Backup).where(
+                    Backup.instance_id == instance_id,
+                    Backup.deleted.is_(False),
+                    Backup.backup_type != INCREMENTAL,
+                )
+            )
+        )
+        inst = session.get(Instance, instance_id)
+        prefix = archive.prefix + "/"
+    starts = [archive_start(row) for row in fulls]
+    if any(start is None for start in starts):
+        return 0  # a backup we cannot place: keep everything
+    keep = min((_archive_order(s) for s in starts if s is not None), default=None)
+    doomed = []
+    for item in storage.list(prefix):
+        name = item.key[len(prefix) :]
+        if not (_WAL_FILE.fullmatch(name) or _BINLOG_FILE.fullmatch(name)):
+            if keep is None and name.endswith(".history"):
+                doomed.append(item.key)
+            continue
+        if keep is None or _archive_order(name) < keep:
+            doomed.append(item.key)
+    for key in doomed:
+        storage.delete(key)
+    if not fulls and (inst is None or inst.deleted):
+        with transaction(cp.session_factory) as session:
+            row = session.get(InstanceArchive, instance_id)
+            if row is not None:
+                session.delete(row)
+    if doomed:
+        LOG.info("pruned %d archived log file(s) of instance %s", len(doomed), instance_id)
+    return len(doomed)
+
+
 class BackupFlows:
     """Builds the backup flows and the restore step bound to one control plane."""
 
@@ -301,6 +446,12 @@ class BackupFlows:
                         "backup instead."
                     )
                 parent = dict(parent_row.engine_position or {})
+        archive = None
+        if supports_point_in_time(version.manager):
+            with transaction(self.cp.session_factory) as session:
+                live = session.get(Instance, inst.id)
+                assert live is not None
+                archive = archive_request(self.cp, ensure_archive(session, self.cp.settings, live))
         ensure_storage_ready(self.cp.settings)
         metadata = {
             "backup-id": row.id,
@@ -320,6 +471,7 @@ class BackupFlows:
                 backup_key=base64.b64encode(backup_key(self.cp, row.id)).decode(),
                 parent=parent,
                 metadata=metadata,
+                archive=archive,
             )
         except RemoteError as exc:
             raise OperationFailed(f"The guest could not start the backup: {exc.message}") from exc
@@ -422,6 +574,12 @@ class BackupFlows:
                     live.deleted = True
                     live.deleted_at = utcnow()
                     quotas.release(session, backup_holder(live.id))
+            for instance_id in sorted({r.instance_id for r in rows if r and r.instance_id}):
+                try:
+                    prune_archive(self.cp, storage, instance_id)
+                except StorageError as exc:
+                    # The backups are gone either way; the next deletion prunes again.
+                    LOG.warning("could not prune the log archive of %s: %s", instance_id, exc)
         return NEXT
 
     def delete_failed(self, ctx: Context, failure: OperationFailed) -> None:
@@ -454,6 +612,15 @@ class RestoreStep:
                 chain = restore_chain(session, spec["backup_id"])
             except ValidationError as exc:
                 raise OperationFailed(f"The backup cannot be restored: {exc.message}") from None
+            pitr = None
+            if spec.get("restore_time"):
+                archive = session.get(InstanceArchive, spec.get("archive_instance_id", ""))
+                if archive is None:
+                    raise OperationFailed("The source instance's log archive is not recorded.")
+                pitr = {
+                    "archive": archive_request(self.cp, archive),
+                    "restore_time": spec["restore_time"],
+                }
         guest = self.cp.guest(ctx.instance_id)
         try:
             if not spec.get("started"):
@@ -462,6 +629,7 @@ class RestoreStep:
                     timeout=RESTORE_CALL_TIMEOUT,
                     backups=[self._link(row) for row in chain],
                     storage=storage_spec(self.cp.settings),
+                    pitr=pitr,
                 )
                 spec["started"] = True
             else:

@@ -281,12 +281,11 @@ def test_parents_and_incrementals(world: World) -> None:
     assert resp.json()["backup"]["parent_id"] == latest
     with world.cp.session_factory() as session:
         assert session.get(Backup, resp.json()["backup"]["id"]).backup_type == "incremental"  # type: ignore[union-attr]
-    # PostgreSQL backups are always full: an incremental is refused, not silently made full.
-    world.add_backup("pg", BackupState.COMPLETED)
-    before = world.counts()
+    # PostgreSQL incrementals are the WAL since their parent (archived by the guest).
+    pg_full = world.add_backup("pg", BackupState.COMPLETED)
     resp = _create(world, instance=world.ids["pg"], incremental=1)
-    assert resp.status_code == 501 and "always full" in world.fault(resp)["message"]
-    assert world.counts() == before
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["backup"]["parent_id"] in (pg_full, other)
 
 
 def test_the_quota_refuses_a_backup_over_it(world: World) -> None:
@@ -398,7 +397,9 @@ def test_restore_takes_the_backups_datastore_and_records_the_restore(world: Worl
         ("other_datastore", 400, "restore it into a postgresql instance"),
         ("other_version", 400, "restores only into that version's release series"),
         ("small_volume", 400, "at least 2 GB"),
-        ("point_in_time", 501, "restore_time"),
+        ("point_in_time", 400, "log archive"),
+        ("point_in_time_maria", 400, "log archive"),
+        ("bad_time", 400, "not an ISO 8601 time"),
         ("no_ref", 400, "backupRef"),
         ("unknown", 404, "could not be found"),
         ("parent_deleted", 400, "has been deleted"),
@@ -430,6 +431,10 @@ def test_bad_restore_points_change_nothing(
         extra = {"volume": {"size": 1}}
     elif case == "point_in_time":
         point = {"backupRef": ref, "restore_time": "2024-01-01T00:00:00"}
+    elif case == "point_in_time_maria":
+        point = {"backupRef": completed_maria, "restore_time": "2024-01-01T00:00:00"}
+    elif case == "bad_time":
+        point = {"backupRef": ref, "restore_time": "yesterday"}
     elif case == "no_ref":
         point = {"backup": ref}
     elif case == "unknown":

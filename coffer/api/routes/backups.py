@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -37,8 +37,17 @@ from coffer.api.routes.instance_support import (
     wake_taskmanager,
 )
 from coffer.backup.errors import BackupIntegrityError
+from coffer.config import Settings
 from coffer.datastores.registry import require_capability
-from coffer.db.models import Datastore, DatastoreVersion, Instance, new_id, utcnow
+from coffer.db.models import (
+    Datastore,
+    DatastoreVersion,
+    Instance,
+    Operation,
+    new_id,
+    utcnow,
+)
+from coffer.db.models_archive import InstanceArchive
 from coffer.db.models_backups import (
     FULL,
     INCREMENTAL,
@@ -55,8 +64,9 @@ from coffer.errors import (
     NotFound,
     NotImplementedByDatastore,
     UnprocessableEntity,
+    ValidationError,
 )
-from coffer.guest.backup import supports_incremental
+from coffer.guest.backup import supports_incremental, supports_point_in_time
 from coffer.guest.datastores.base import Capability
 from coffer.status import Task
 from coffer.storage.base import StorageIntegrityError, StorageNotFound
@@ -125,7 +135,8 @@ class StrategyBody(_Body):
 def backup_view(
     row: Backup, version: DatastoreVersion | None, datastore: Datastore | None
 ) -> dict[str, Any]:
-    """Trove's backup view; ``fail_reason`` is Coffer's addition, present when one is known."""
+    """Trove's backup view. Coffer's additions: ``fail_reason`` (present when one is known),
+    ``size_bytes`` and ``raw_size_bytes`` (bytes stored and bytes the engine produced)."""
     view: dict[str, Any] = {
         "id": row.id,
         "name": row.name,
@@ -148,6 +159,10 @@ def backup_view(
         }
     if row.fail_reason:
         view["fail_reason"] = row.fail_reason
+    # Coffer's byte counts (Trove's size is in GB): stored so far while the backup runs (the
+    # guest reports them every few seconds), final once it is COMPLETED.
+    view["size_bytes"] = row.size
+    view["raw_size_bytes"] = row.raw_size
     return view
 
 
@@ -311,63 +326,72 @@ def create_backup(
         )
     with transaction(cp.session_factory) as session:
         inst = load_instance(session, ctx, spec.instance)
-        # Locks the instance row (PostgreSQL/MariaDB control DBs), so two creates cannot both
-        # see no running backup; SQLite serialises write transactions anyway.
-        session.execute(select(Instance.id).where(Instance.id == inst.id).with_for_update())
-        version = session.get(DatastoreVersion, inst.datastore_version_id)
-        assert version is not None
-        require_capability(version.manager, Capability.BACKUP)
-        if inst.task is not Task.NONE:
-            raise UnprocessableEntity(
-                f"Instance {inst.id} is busy ({inst.task.value}); back it up when its status is "
-                "ACTIVE."
-            )
-        ensure_ready(session, inst)
-        running = running_backup(session, inst.id)
-        if running is not None:
-            raise UnprocessableEntity(
-                f"Instance {inst.id} is already being backed up (backup {running.id}); try "
-                "again when its status is ACTIVE."
-            )
-        parent = _parent(session, inst, spec)
-        if parent is not None and not supports_incremental(version.manager):
-            raise NotImplementedByDatastore(
-                f"{version.manager} backups are always full backups; leave out parent_id and "
-                "incremental."
-            )
-        backup_id = new_id()
-        row = Backup(
-            id=backup_id,
-            tenant_id=inst.tenant_id,
-            name=spec.name,
-            description=spec.description,
-            instance_id=inst.id,
-            datastore_version_id=version.id,
-            parent_id=parent.id if parent is not None else None,
-            backup_type=INCREMENTAL if parent is not None else FULL,
-            state=BackupState.NEW,
-            storage_driver=driver,
-            storage_key=storage_key(inst.tenant_id, backup_id),
-            volume_size=inst.volume_size,
-            engine_position={},
-        )
-        session.add(row)
-        session.flush()
-        # Checked and charged under the project's quota lock; a refusal rolls the row back.
-        quotas.reserve(
-            session, cp.settings, inst.tenant_id, backup_holder(backup_id), {"backups": 1}
-        )
-        op_id = enqueue(
-            session,
-            CREATE_BACKUP,
-            inst.id,
-            {"backup_id": backup_id},
-            deadline=utcnow() + BACKUP_DEADLINE,
-        ).id
+        row, op_id = record_backup(session, cp.settings, inst, spec)
         view = _render(session, [row])[0]
-    note_target(request, backup_id=backup_id, instance_id=inst.id)
+    note_target(request, backup_id=row.id, instance_id=inst.id)
     wake_taskmanager(cp, op_id)
     return {"backup": view}
+
+
+def record_backup(
+    session: Session, settings: Settings, inst: Instance, spec: BackupIn
+) -> tuple[Backup, str]:
+    """Check that ``inst`` can be backed up now as ``spec`` asks, then record the backup NEW,
+    charge its quota and enqueue its operation, in the caller's transaction; the row and the
+    operation's id. The one create-backup path of the API and of backup schedules
+    (``coffer.taskmanager.schedules``): any refusal raises before anything is recorded."""
+    driver = settings.storage.driver
+    # Locks the instance row (PostgreSQL/MariaDB control DBs), so two creates cannot both
+    # see no running backup; SQLite serialises write transactions anyway.
+    session.execute(select(Instance.id).where(Instance.id == inst.id).with_for_update())
+    version = session.get(DatastoreVersion, inst.datastore_version_id)
+    assert version is not None
+    require_capability(version.manager, Capability.BACKUP)
+    if inst.task is not Task.NONE:
+        raise UnprocessableEntity(
+            f"Instance {inst.id} is busy ({inst.task.value}); back it up when its status is ACTIVE."
+        )
+    ensure_ready(session, inst)
+    running = running_backup(session, inst.id)
+    if running is not None:
+        raise UnprocessableEntity(
+            f"Instance {inst.id} is already being backed up (backup {running.id}); try "
+            "again when its status is ACTIVE."
+        )
+    parent = _parent(session, inst, spec)
+    if parent is not None and not supports_incremental(version.manager):
+        raise NotImplementedByDatastore(
+            f"{version.manager} backups are always full backups; leave out parent_id and "
+            "incremental."
+        )
+    backup_id = new_id()
+    row = Backup(
+        id=backup_id,
+        tenant_id=inst.tenant_id,
+        name=spec.name,
+        description=spec.description,
+        instance_id=inst.id,
+        datastore_version_id=version.id,
+        parent_id=parent.id if parent is not None else None,
+        backup_type=INCREMENTAL if parent is not None else FULL,
+        state=BackupState.NEW,
+        storage_driver=driver,
+        storage_key=storage_key(inst.tenant_id, backup_id),
+        volume_size=inst.volume_size,
+        engine_position={},
+    )
+    session.add(row)
+    session.flush()
+    # Checked and charged under the project's quota lock; a refusal rolls the row back.
+    quotas.reserve(session, settings, inst.tenant_id, backup_holder(backup_id), {"backups": 1})
+    op_id = enqueue(
+        session,
+        CREATE_BACKUP,
+        inst.id,
+        {"backup_id": backup_id},
+        deadline=utcnow() + BACKUP_DEADLINE,
+    ).id
+    return row, op_id
 
 
 @router.delete("/backups/{backup_id}", status_code=202)
@@ -471,14 +495,21 @@ def delete_backup_strategies(
 
 @dataclass(frozen=True)
 class RestorePlan:
-    """What an instance create restores: the backup, and the datastore version it needs."""
+    """What an instance create restores: the backup, the datastore version it needs, and for a
+    point-in-time restore the time (UTC) and the instance whose log archive reaches it."""
 
     backup_id: str
     version: DatastoreVersion
+    restore_time: datetime | None = None
+    archive_instance_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
         """The ``restore`` entry of the create operation's payload (``RestoreStep``)."""
-        return {"backup_id": self.backup_id}
+        payload: dict[str, Any] = {"backup_id": self.backup_id}
+        if self.restore_time is not None:
+            payload["restore_time"] = self.restore_time.replace(tzinfo=UTC).isoformat()
+            payload["archive_instance_id"] = self.archive_instance_id
+        return payload
 
 
 def restore_version(session: Session, restore_point: object) -> DatastoreVersion:
@@ -518,15 +549,20 @@ def restore_plan(
     restore only into the version they were taken with), no larger than the new volume (400),
     and its stored objects must exist (400) and not be known damaged (409). Their contents are
     verified by the guest before it writes anything.
+
+    With ``restore_time`` (ISO 8601; without a zone it is UTC): a point-in-time restore. The
+    engine must have one (501 with the reason), and the time must lie in the window the backup
+    and its instance's log archive cover, from the backup's completion to the archive's extent
+    (400 naming the window; 400 if the instance has no archive yet).
     """
     ref = _backup_ref(restore_point)
     assert isinstance(restore_point, dict)
-    extra = sorted(set(restore_point) - {"backupRef"})
+    extra = sorted(set(restore_point) - {"backupRef", "restore_time"})
     if extra:
-        raise NotImplementedByDatastore(
-            f"restorePoint accepts only backupRef here; {', '.join(extra)} (point-in-time "
-            "restore) is not supported yet."
+        raise BadRequest(
+            f"restorePoint accepts backupRef and restore_time; {', '.join(extra)} is not known."
         )
+    restore_time = _restore_time(restore_point.get("restore_time"))
     row = load_backup(session, ctx, ref)
     if not row.state.restorable:
         raise Conflict(
@@ -568,7 +604,62 @@ def restore_plan(
                     f"The stored data of backup {link.id} is missing from backup storage; "
                     "restore another backup."
                 )
-    return RestorePlan(row.id, version)
+    if restore_time is None:
+        return RestorePlan(row.id, version)
+    archive = _check_window(session, row, source.manager, restore_time)
+    return RestorePlan(row.id, version, restore_time, archive.instance_id)
+
+
+def _restore_time(value: object) -> datetime | None:
+    """``restore_time`` as a naive UTC datetime (None when absent); BadRequest if malformed."""
+    if value is None:
+        return None
+    parsed = None
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        raise BadRequest(
+            f"restore_time {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:30:00Z; "
+            "without a zone it is UTC)."
+        )
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+def _check_window(
+    session: Session, row: Backup, manager: str, restore_time: datetime
+) -> InstanceArchive:
+    """The source's archive, if ``restore_time`` lies in the window it and ``row`` cover."""
+    if not supports_point_in_time(manager):
+        raise NotImplementedByDatastore(
+            f"{manager} backups restore only to the moment they were taken: this datastore "
+            "keeps no log archive to replay to another time. Leave out restore_time."
+        )
+    archive = session.get(InstanceArchive, row.instance_id) if row.instance_id else None
+    start = row.completed or row.created
+    if archive is None or archive.newest_time is None or archive.newest_time < start:
+        raise BadRequest(
+            f"The log archive of instance {row.instance_id} does not reach past backup {row.id} "
+            f"yet (backups restore to a point in time only within what their instance's "
+            f"archive holds); restore the backup itself, or wait until its log is archived."
+        )
+    if not start <= restore_time <= archive.newest_time:
+        raise BadRequest(
+            f"restore_time {_utc(restore_time)} is outside the window backup {row.id} can be "
+            f"restored to: from {_utc(start)} to {_utc(archive.newest_time)}."
+        )
+    return archive
+
+
+def _utc(value: datetime) -> str:
+    return value.isoformat() + "Z"
 
 
 def fail_running_backups(session: Session, instance_id: str, reason: str) -> None:
@@ -595,7 +686,8 @@ def _series(version: DatastoreVersion) -> tuple[str, ...]:
 
 def show_running_backups(session: Session, pairs: list[tuple[Instance, dict[str, Any]]]) -> None:
     """Set ``status`` to BACKUP in the views of instances with a backup running (Trove's rule:
-    after task states, before the server's)."""
+    after task states, before the server's); and add ``restore`` to those being restored."""
+    show_restores(session, pairs)
     candidates = {inst.id: view for inst, view in pairs if inst.task is Task.NONE}
     if not candidates:
         return
@@ -611,3 +703,46 @@ def show_running_backups(session: Session, pairs: list[tuple[Instance, dict[str,
     for instance_id in busy:
         if instance_id is not None:
             candidates[instance_id]["status"] = "BACKUP"
+
+
+#: The steps of an instance create, and what a restore is doing during each.
+_RESTORE_PHASES = {
+    "start": "waiting",
+    "allocate": "waiting",
+    "create_server": "waiting",
+    "restore": "restoring",
+    "prepare": "starting",
+    "wait_ready": "starting",
+}
+
+
+def show_restores(session: Session, pairs: list[tuple[Instance, dict[str, Any]]]) -> None:
+    """Coffer's ``restore`` field in the views of instances being built from a backup:
+    ``{"backup_id", "phase" (waiting, restoring, starting), "total_bytes"}``, where
+    ``total_bytes`` is the engine bytes of the backup's chain (what the restore writes). The
+    ``coffer backup`` CLI follows it."""
+    building = {inst.id: view for inst, view in pairs if inst.task is Task.BUILDING}
+    if not building:
+        return
+    ops = session.scalars(
+        select(Operation).where(
+            Operation.instance_id.in_(list(building)),
+            Operation.kind == "create_instance",
+            Operation.state.in_(("pending", "running")),
+        )
+    )
+    for op in ops:
+        spec = (op.payload or {}).get("restore")
+        if not isinstance(spec, dict) or op.instance_id is None:
+            continue
+        total: int | None = None
+        try:
+            chain = restore_chain(session, str(spec.get("backup_id")))
+            total = sum(link.raw_size or 0 for link in chain) or None
+        except ValidationError:
+            pass
+        building[op.instance_id]["restore"] = {
+            "backup_id": spec.get("backup_id"),
+            "phase": _RESTORE_PHASES.get(op.step, "restoring"),
+            "total_bytes": total,
+        }

@@ -3,11 +3,12 @@
 * ``base`` - the contract of an engine's backup handler (``EngineBackup``) and the tool runners;
 * ``mariadb``, ``postgresql``, ``redis`` - one handler per engine, composed into its datastore
   (``datastore.backups``);
+* ``archive`` - continuous archiving of PostgreSQL's WAL to the backup store, and reading it back;
 * ``worker`` - what the guest agent runs in the background: engine stream → seal → storage for a
   backup, verify → open → engine for a restore, with reports to the conductor.
 
 ``HANDLERS`` names each manager's handler, so the API can ask what an engine supports
-(``supports_incremental``) without loading the engine's datastore.
+(``supports_incremental``, ``supports_point_in_time``) without loading the engine's datastore.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def handler_class(manager: str) -> type[EngineBackup]:
 
 def supports_incremental(manager: str) -> bool:
     return handler_class(manager).incremental
+
+
+def supports_point_in_time(manager: str) -> bool:
+    """True if ``manager``'s backups restore to a point in time from its archived log."""
+    return handler_class(manager).point_in_time
 
 
 def backups_of(datastore: Datastore) -> EngineBackup:

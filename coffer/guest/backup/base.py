@@ -21,11 +21,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from coffer.errors import EngineError
 from coffer.guest.datastores.process import RunAs
 from coffer.guest.layout import InstanceLayout, chown_to, write_private_file
+
+if TYPE_CHECKING:
+    from coffer.guest.backup.archive import Archiver, LogSource, PointInTime
 
 #: Bytes read from a tool's stdout at a time.
 READ_SIZE = 1 << 20
@@ -119,26 +122,42 @@ class EngineBackup(ABC):
 
     manager: ClassVar[str]
     incremental: ClassVar[bool] = False
+    #: True if ``restore`` takes ``pitr`` (replays the source's archived log to a given time).
+    point_in_time: ClassVar[bool] = False
 
     def __init__(self, access: EngineAccess) -> None:
         self.access = access
         self.layout = access.layout
 
     @abstractmethod
-    def backup(self, backup_id: str, parent: Mapping[str, Any] | None = None) -> BackupSource:
-        """Start streaming a backup (see the class docstring)."""
+    def backup(
+        self,
+        backup_id: str,
+        parent: Mapping[str, Any] | None = None,
+        archive: Archiver | None = None,
+    ) -> BackupSource:
+        """Start streaming a backup (see the class docstring). ``archive`` is the instance's
+        log archiver, for handlers whose incremental backups are built from archived log."""
 
     @abstractmethod
-    def restore(self, payloads: Sequence[Payload]) -> None:
-        """Fill the empty data directory from a verified chain (see the class docstring)."""
+    def restore(self, payloads: Sequence[Payload], pitr: PointInTime | None = None) -> None:
+        """Fill the empty data directory from a verified chain (see the class docstring); with
+        ``pitr`` (only handlers whose ``point_in_time`` is True), recovered to its time."""
 
     def restore_pending(self) -> bool:
         """True while restored data still needs a step at the engine's next start."""
         return False
 
+    def archive_source(self) -> LogSource | None:
+        """Where the engine's completed log files wait for the archiver (handlers whose
+        ``point_in_time`` is True); None for engines without a log archive."""
+        return None
+
     # -- helpers for handlers ---------------------------------------------------------------------
 
-    def _check_chain(self, payloads: Sequence[Payload]) -> None:
+    def _check_chain(self, payloads: Sequence[Payload], pitr: object = None) -> None:
+        if pitr is not None and not self.point_in_time:
+            raise EngineError(f"The {self.manager} datastore has no point-in-time restore.")
         if not payloads:
             raise EngineError("A restore needs at least one backup.")
         if len(payloads) > 1 and not self.incremental:

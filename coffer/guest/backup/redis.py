@@ -21,13 +21,16 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
 
 from coffer.errors import EngineError
 from coffer.guest.backup.base import READ_SIZE, BackupSource, EngineBackup, Payload
 from coffer.guest.layout import chown_to
+
+if TYPE_CHECKING:
+    from coffer.guest.backup.archive import Archiver, PointInTime
 
 RDB_FILE = "dump.rdb"
 RESTORE_MARKER = "rdb-restore.pending"
@@ -81,7 +84,12 @@ class RedisBackup(EngineBackup):
         except redis.RedisError as exc:
             raise EngineError(f"Redis refused the snapshot: {type(exc).__name__}.") from None
 
-    def backup(self, backup_id: str, parent: Mapping[str, Any] | None = None) -> BackupSource:
+    def backup(
+        self,
+        backup_id: str,
+        parent: Mapping[str, Any] | None = None,
+        archive: Archiver | None = None,
+    ) -> BackupSource:
         if parent is not None:
             raise EngineError("Redis backups are RDB snapshots; there are no incremental ones.")
         position: dict[str, Any] = {}
@@ -112,8 +120,8 @@ class RedisBackup(EngineBackup):
     def marker(self) -> Path:
         return self.layout.etc_dir / RESTORE_MARKER
 
-    def restore(self, payloads: Sequence[Payload]) -> None:
-        self._check_chain(payloads)
+    def restore(self, payloads: Sequence[Payload], pitr: PointInTime | None = None) -> None:
+        self._check_chain(payloads, pitr)
         staging = self._staging()
         target = staging / RDB_FILE
         try:

@@ -29,12 +29,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from coffer.backup import open_stream, seal_stream, verify_stream
-from coffer.errors import CofferError, Conflict, EngineError, ValidationError
+from coffer.errors import (
+    CofferError,
+    Conflict,
+    EngineError,
+    NotImplementedByDatastore,
+    ValidationError,
+)
 from coffer.guest.backup import backups_of
+from coffer.guest.backup.archive import Archiver, ArchiveReader, ArchiveTarget, PointInTime
 from coffer.guest.datastores.base import Datastore
 from coffer.storage.base import BackupStorage, get_storage
 
@@ -92,6 +100,7 @@ class BackupRequest:
     key: bytes
     parent: dict[str, Any] | None
     metadata: dict[str, str]
+    archive: ArchiveTarget | None = None
 
     def __repr__(self) -> str:
         return f"BackupRequest(backup_id={self.backup_id!r}, storage_key={self.storage_key!r})"
@@ -124,11 +133,15 @@ class BackupWorker:
         state_dir: Path,
         report: Report,
         prepared: Callable[[], bool],
+        archive_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """``datastore`` returns the agent's current datastore (the agent may replace it);
         ``report(backup_id, fields)`` casts ``update_backup`` to the conductor; ``prepared``
-        says whether the engine was ever prepared (a restore only fills a never-prepared one)."""
+        says whether the engine was ever prepared (a restore only fills a never-prepared one);
+        ``archive_report(extent)`` casts ``update_archive`` (the WAL archive's extent)."""
         self._datastore = datastore
+        self._archive_report = archive_report
+        self._archiver: Archiver | None = None
         self.results_dir = state_dir / "backups"
         self.restore_file = state_dir / "restore.json"
         self._report = report
@@ -136,6 +149,38 @@ class BackupWorker:
         self._lock = threading.Lock()
         self._running: str | None = None
         self._restore_thread: threading.Thread | None = None
+
+    # -- the log archive -----------------------------------------------------------------------
+
+    @property
+    def archiver(self) -> Archiver:
+        """The instance's log archiver (made on first use; idle until enabled)."""
+        with self._lock:
+            if self._archiver is None:
+                handler = backups_of(self.datastore)
+                source = handler.archive_source()
+                if source is None:
+                    raise NotImplementedByDatastore(
+                        f"The {handler.manager} datastore keeps no log archive."
+                    )
+                self._archiver = Archiver(handler.layout, source, self._send_extent, open_storage)
+            return self._archiver
+
+    def resume_archiving(self) -> bool:
+        """At agent start: carry on archiving if a backup enabled it before."""
+        try:
+            handler = backups_of(self.datastore)
+        except CofferError:
+            return False
+        return handler.point_in_time and self.archiver.resume()
+
+    def stop_archiving(self) -> None:
+        if self._archiver is not None:
+            self._archiver.stop()
+
+    def _send_extent(self, extent: dict[str, Any]) -> None:
+        if self._archive_report is not None:
+            self._archive_report(extent)
 
     # -- backups -----------------------------------------------------------------------------
 
@@ -147,6 +192,7 @@ class BackupWorker:
         backup_key: str,
         parent: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
+        archive: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Start taking backup ``backup_id`` in the background; its status at once.
 
@@ -162,8 +208,12 @@ class BackupWorker:
             decode_key(backup_key),
             dict(parent) if parent is not None else None,
             dict(metadata or {}),
+            ArchiveTarget.from_request(archive) if archive is not None else None,
         )
-        backups_of(self.datastore)  # 501 before anything starts
+        handler = backups_of(self.datastore)  # 501 before anything starts
+        if request.archive is not None and handler.point_in_time:
+            # Before the engine tool starts, so every WAL file from the backup's start is kept.
+            self.archiver.enable(request.archive)
         with self._lock:
             known = self._load(backup_id) is not None
             if not known and self._running is not None:
@@ -223,7 +273,9 @@ class BackupWorker:
 
     def _take(self, request: BackupRequest) -> dict[str, Any]:
         started = time.monotonic()
-        source = backups_of(self.datastore).backup(request.backup_id, request.parent)
+        handler = backups_of(self.datastore)
+        archive = self.archiver if handler.point_in_time else None
+        source = handler.backup(request.backup_id, request.parent, archive=archive)
         meter = _Meter(lambda fields: self._send(request.backup_id, fields))
         sealed, info_of = seal_stream(meter.raw(source), request.key, request.backup_id)
         storage = open_storage(request.storage)
@@ -295,10 +347,15 @@ class BackupWorker:
             raise Conflict("A restore into this instance is still running; try again shortly.")
 
     def start_restore(
-        self, backups: list[dict[str, Any]], storage: dict[str, Any]
+        self,
+        backups: list[dict[str, Any]],
+        storage: dict[str, Any],
+        pitr: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Start restoring the chain ``backups`` (full first) in the background; its status.
 
+        With ``pitr`` (``{"archive": <the source's archive settings>, "restore_time": ISO
+        8601}``), the restored data is recovered to that time from the source's archived log.
         Idempotent: a restore that is running or finished is not started again.
         """
         if not isinstance(backups, list) or not backups:
@@ -316,14 +373,22 @@ class BackupWorker:
                     str(item.get("checksum")),
                 )
             )
-        backups_of(self.datastore)
+        point = _point_in_time(pitr)
+        handler = backups_of(self.datastore)
+        if point is not None and not handler.point_in_time:
+            raise ValidationError(
+                f"The {handler.manager} datastore has no point-in-time restore on this host."
+            )
         with self._lock:
             status = self._restore_state()
             if status["state"] in ("running", "done"):
                 return status
             self.restore_file.unlink(missing_ok=True)
             thread = threading.Thread(
-                target=self._run_restore, args=(chain, dict(storage)), name="restore", daemon=True
+                target=self._run_restore,
+                args=(chain, dict(storage), point),
+                name="restore",
+                daemon=True,
             )
             self._restore_thread = thread
             thread.start()
@@ -343,9 +408,14 @@ class BackupWorker:
             return {"state": "idle"}
         return data if isinstance(data, dict) else {"state": "idle"}
 
-    def _run_restore(self, chain: list[ChainLink], storage_spec: dict[str, Any]) -> None:
+    def _run_restore(
+        self,
+        chain: list[ChainLink],
+        storage_spec: dict[str, Any],
+        point: tuple[ArchiveTarget, datetime] | None = None,
+    ) -> None:
         try:
-            self._restore(chain, storage_spec)
+            self._restore(chain, storage_spec, point)
             result: dict[str, Any] = {"state": "done", "backups": [c.backup_id for c in chain]}
         except BaseException as exc:
             if isinstance(exc, CofferError):
@@ -355,9 +425,15 @@ class BackupWorker:
             result = {"state": "failed", "reason": describe(exc)}
         self._write_restore(result)
 
-    def _restore(self, chain: list[ChainLink], storage_spec: dict[str, Any]) -> None:
+    def _restore(
+        self,
+        chain: list[ChainLink],
+        storage_spec: dict[str, Any],
+        point: tuple[ArchiveTarget, datetime] | None = None,
+    ) -> None:
         handler = backups_of(self.datastore)
         storage = open_storage(storage_spec)
+        archive_storage = open_storage(point[0].storage) if point is not None else None
         try:
             started = time.monotonic()
             for link in chain:
@@ -385,10 +461,15 @@ class BackupWorker:
 
                 return opened
 
-            handler.restore([payload(link) for link in chain])
+            pitr = None
+            if point is not None and archive_storage is not None:
+                pitr = PointInTime(ArchiveReader(archive_storage, point[0]), point[1])
+            handler.restore([payload(link) for link in chain], pitr=pitr)
             LOG.info("restored %d backup(s) in %.1f s", len(chain), time.monotonic() - started)
         finally:
             storage.close()
+            if archive_storage is not None:
+                archive_storage.close()
 
     def _clear_data_dir(self) -> None:
         # Only reached before the engine was ever prepared: what is there is a restore that was
@@ -406,6 +487,22 @@ class BackupWorker:
         tmp = self.restore_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(self.restore_file)
+
+
+def _point_in_time(pitr: object) -> tuple[ArchiveTarget, datetime] | None:
+    """The archive and the (UTC) time of a restore request's ``pitr``; ValidationError."""
+    if pitr is None:
+        return None
+    if not isinstance(pitr, dict):
+        raise ValidationError("pitr must be an object with archive and restore_time.")
+    target = ArchiveTarget.from_request(pitr.get("archive"))
+    try:
+        when = datetime.fromisoformat(str(pitr.get("restore_time")))
+    except ValueError:
+        raise ValidationError("restore_time is not an ISO 8601 time.") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return target, when.astimezone(UTC)
 
 
 class _Meter:
