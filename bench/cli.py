@@ -37,7 +37,7 @@ from bench.report import BenchmarkResult, render_table, write_json
 
 LOG = logging.getLogger("bench")
 
-BENCHMARKS = ("provision", "concurrent", "delete", "api", "messaging", "density")
+BENCHMARKS = ("provision", "concurrent", "delete", "api", "messaging", "density", "backup")
 TITLES = {
     "provision": ("1-provision", "Provision latency: POST until the user logs in"),
     "concurrent": ("2-concurrent", "Concurrent creates until all log-ins succeed"),
@@ -45,6 +45,7 @@ TITLES = {
     "api": ("4-api", "API under load"),
     "messaging": ("5-messaging", "Control-plane messaging: sealed vs raw kombu"),
     "density": ("6-density", "Density: what an idle instance costs"),
+    "backup": ("7-backup", "Backup and restore throughput vs the raw tools, file storage"),
 }
 
 
@@ -67,6 +68,8 @@ class Counts:
     idle_windows: int
     idle_settle: float
     extrapolate_fit: bool
+    #: MB of data per engine that benchmark 7 backs up and restores.
+    backup_dataset_mb: int = 8
 
 
 QUICK = Counts(
@@ -102,6 +105,7 @@ FULL = Counts(
     idle_windows=3,
     idle_settle=20,
     extrapolate_fit=True,
+    backup_dataset_mb=1100,
 )
 
 
@@ -279,6 +283,15 @@ def run(args: argparse.Namespace) -> int:
                                     engines,
                                     counts.concurrent_width,
                                     counts.concurrent_rounds,
+                                ),
+                            )
+                        if "backup" in selected:
+                            from bench.backups import bench_backups
+
+                            attempt(
+                                "backup",
+                                lambda: bench_backups(
+                                    api, workspace, engines, counts.backup_dataset_mb
                                 ),
                             )
                         if "api" in selected:
