@@ -79,6 +79,14 @@ class DefaultSection(_Section):
     max_backups_per_tenant: int = Field(
         50, ge=-1, description="Default quota: backups per project (-1: unlimited)."
     )
+    backup_archive_timeout: int = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="Seconds after which a PostgreSQL instance closes a WAL file that holds "
+        "changes, so its log archive (and the point-in-time restore window) lags at most this "
+        "much. Takes effect at each instance's next backup.",
+    )
     max_accepted_volume_size: int = Field(10, ge=1, description="Largest volume (GB) accepted.")
     agent_heartbeat_expiry: int = Field(
         90, ge=5, description="Seconds without a heartbeat before a guest is treated as gone."
@@ -119,6 +127,24 @@ class DefaultSection(_Section):
         ge=0,
         description="POST requests to /mgmt per minute allowed per project (0: no limit).",
     )
+    guest_log_container_name: str = Field(
+        "database_logs",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$",
+        description="Top-level folder of the backup storage that published guest logs go to "
+        "(Trove's Swift container for logs).",
+    )
+    guest_log_limit: int = Field(
+        1_000_000,
+        ge=1024,
+        le=100_000_000,
+        description="Most bytes in one published piece of a guest log.",
+    )
+    guest_log_long_query_time: int = Field(
+        1000,
+        ge=0,
+        description="Milliseconds a statement must run to go to a slow_query log (set when the "
+        "log is enabled).",
+    )
 
 
 class DatabaseSection(_Section):
@@ -154,6 +180,15 @@ class IdentitySection(_Section):
     """``[identity]``: the embedded Keystone v3 subset."""
 
     token_expiration: int = Field(86400, ge=60, description="Token lifetime in seconds.")
+    token_cache_time: int = Field(
+        5,
+        ge=0,
+        le=300,
+        description="Seconds an API process reuses a token it validated before checking its "
+        "user, project and roles in the control DB again (0: no cache). A change made through "
+        "another process (a disabled user, a removed role) refuses the token within this long; "
+        "one made through the same process, at once.",
+    )
     admin_project: str = Field("admin")
     admin_user: str = Field("admin")
     demo_project: str = Field("demo")

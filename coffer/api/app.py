@@ -23,7 +23,7 @@ from coffer.api.errors import install_error_handlers
 
 # ``instances`` holds the instance, database, user and root routes. It is a plain import, not a
 # discovery, so a broken module fails loudly at start instead of silently losing routes.
-from coffer.api.routes import catalog, configurations, identity, instances
+from coffer.api.routes import catalog, configurations, identity, instance_logs, instances
 
 __all__ = ["Services", "create_app"]
 
@@ -93,8 +93,10 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(identity.router)
     app.include_router(catalog.router)
     app.include_router(instances.router)
-    from coffer.api.routes import backups
+    from coffer.api.routes import backup_schedules, backups
 
     app.include_router(backups.router)
+    app.include_router(backup_schedules.router)
     app.include_router(configurations.router)
+    app.include_router(instance_logs.router)
     return app

@@ -38,7 +38,7 @@ from fastapi import Request
 from coffer.api.context import (
     READ_METHODS,
     RequestContext,
-    authenticate_request,
+    authenticate_request_async,
     get_services,
     public_base_url,
 )
@@ -112,6 +112,18 @@ DEFAULT_RULES: tuple[RuleDefault, ...] = (
     _r("instance:backups", _READER, "List an instance's backups.", f"GET {_I}/backups"),
     _r("instance:configuration", _READER, "Show its configuration.", f"GET {_I}/configuration"),
     _r("instance:guest_log_list", _READER, "List an instance's logs.", f"GET {_I}/log"),
+    _r(
+        "instance:guest_log_action",
+        _OWNER,
+        "Show, enable, disable, publish or discard a log (Trove checks no rule here).",
+        f"POST {_I}/log",
+    ),
+    _r(
+        "instance:guest_log_contents",
+        _READER,
+        "Read a published log's text (a Coffer extension).",
+        f"GET {_I}/log/{{name}}",
+    ),
     # -- databases, users, access, root ------------------------------------------------------
     _r("instance:extension:database:index", _READER, "List databases.", f"GET {_I}/databases"),
     _r(
@@ -165,6 +177,11 @@ DEFAULT_RULES: tuple[RuleDefault, ...] = (
     _r("backup_strategy:create", _OWNER, "Create a strategy.", "POST /backup_strategies"),
     _r("backup_strategy:index", _READER, "List strategies.", "GET /backup_strategies"),
     _r("backup_strategy:delete", _OWNER, "Delete strategies.", "DELETE /backup_strategies"),
+    _r("backup_schedule:create", _OWNER, "Create a backup schedule.", "POST /backup_schedules"),
+    _r("backup_schedule:index", _READER, "List backup schedules.", "GET /backup_schedules"),
+    _r("backup_schedule:show", _READER, "Show a schedule.", "GET /backup_schedules/{id}"),
+    _r("backup_schedule:update", _OWNER, "Change a schedule.", "PUT /backup_schedules/{id}"),
+    _r("backup_schedule:delete", _OWNER, "Delete a schedule.", "DELETE /backup_schedules/{id}"),
     # -- configuration groups ----------------------------------------------------------------
     _r("configuration:index", _READER, "List groups.", "GET /configurations"),
     _r("configuration:create", _OWNER, "Create a group.", "POST /configurations"),
@@ -722,10 +739,12 @@ class Authorize:
     def __repr__(self) -> str:
         return f"authorize({self.rule or self.deferred!r})"
 
-    def __call__(self, request: Request, tenant_id: str) -> RequestContext:
+    async def __call__(self, request: Request, tenant_id: str) -> RequestContext:
+        # Async, so a request whose token was validated lately costs no hop to a worker thread;
+        # what follows the authentication is in-memory work.
         setattr(request.state, ACTION_STATE, self.rule or "|".join(self.deferred))
         setattr(request.state, _ACTION_FIXED, self.rule is not None)
-        auth = authenticate_request(request)
+        auth = await authenticate_request_async(request)
         setattr(request.state, AUTH_STATE, auth)
         if tenant_id != auth.project_id and not auth.is_admin:
             raise Forbidden(

@@ -166,6 +166,13 @@ def guestagent(config: str) -> None:
 from coffer.cli.manage import manage  # noqa: E402 - the group registers itself on import
 
 main.add_command(manage)
+from coffer.cli.logs import log_group  # noqa: E402 - the `coffer log` group
+
+main.add_command(log_group)
+
+from coffer.cli.backups import backup  # noqa: E402 - the `coffer backup` group
+
+main.add_command(backup)
 
 
 if __name__ == "__main__":  # pragma: no cover

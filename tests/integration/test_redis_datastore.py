@@ -428,7 +428,9 @@ def test_hostile_input_is_refused_before_reaching_the_engine(redis_engine: Runni
 def test_database_operations_are_refused_clearly(redis_engine: RunningRedis) -> None:
     datastore = redis_engine.datastore
     assert Capability.DATABASES not in datastore.capabilities
-    assert {Capability.USERS, Capability.ROOT, Capability.BACKUP} == set(datastore.capabilities)
+    assert {Capability.USERS, Capability.ROOT, Capability.BACKUP, Capability.LOGS} == set(
+        datastore.capabilities
+    )
     before = acl_state(redis_engine)
     calls: list[Callable[[], Any]] = [
         lambda: datastore.create_databases([{"name": "app_db"}]),

@@ -51,6 +51,7 @@ from coffer.db.models import (
 )
 from coffer.db.models_backups import Backup, BackupState, BackupStrategy
 from coffer.db.models_day2 import Configuration, ConfigurationParameterRule, ConfigurationValue
+from coffer.db.models_schedules import BackupSchedule
 from coffer.db.session import transaction
 from coffer.identity import IdentityService
 from coffer.identity.passwords import ScryptCost
@@ -73,6 +74,8 @@ IDENTITIES = ("anonymous", "foreign", "other", "reader", "member", "admin")
 CONFIGURATION_ID = "c0ff1e00-0000-4000-8000-00000000c0f1"
 #: Demo's completed backup of the matrix instance, put back by ``World.reset``.
 BACKUP_ID = "bac0b000-0000-4000-8000-00000000bac0"
+#: Demo's backup schedule of the matrix instance, put back by ``World.reset``.
+SCHEDULE_ID = "5c4ed000-0000-4000-8000-000000005c4e"
 
 
 # --- the world: a control plane, the app, a demo instance and its stand-in guest ----------------
@@ -99,6 +102,8 @@ class StandInGuest:
             "disable_root",
             "stop_db",
             "restart",
+            "guest_log_list",
+            "guest_log_action",
         }
     )
 
@@ -163,6 +168,27 @@ class StandInGuest:
     def restart(self) -> None:
         self._record("restart")
 
+    def guest_log_list(self, **options: Any) -> Any:
+        self._record("guest_log_list")
+        return [self._log("guest", "SYS", options)]
+
+    def guest_log_action(self, name: str, **request: Any) -> Any:
+        self._record("guest_log_action")
+        return self._log(name, "USER", request)
+
+    @staticmethod
+    def _log(name: str, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "type": kind,
+            "status": "Disabled",
+            "published": 0,
+            "pending": 0,
+            "container": options.get("container"),
+            "prefix": f"matrix/mariadb-{name}/",
+            "metafile": f"matrix/mariadb-{name}_metafile",
+        }
+
 
 @dataclass
 class World:
@@ -225,7 +251,19 @@ class World:
             self.spare_version_id = spare.id
             self._reset_configuration(session)
             self._reset_backups(session)
+            self._reset_schedules(session)
         self.guest.calls.clear()
+
+    def _reset_schedules(self, session: Any) -> None:
+        for row in session.scalars(select(BackupSchedule).where(BackupSchedule.id != SCHEDULE_ID)):
+            session.delete(row)
+        row = session.get(BackupSchedule, SCHEDULE_ID)
+        if row is None:
+            row = BackupSchedule(id=SCHEDULE_ID)
+            session.add(row)
+        row.tenant_id, row.instance_id = self.projects["demo"], self.instance_id
+        row.name, row.pattern, row.retention_count = "matrix-schedule", "0 3 * * *", 7
+        row.enabled, row.incremental, row.next_run = True, False, None
 
     def _reset_backups(self, session: Any) -> None:
         # Only demo's completed backup and its quota charge stay; what a request added goes.
@@ -303,6 +341,11 @@ class World:
                 session.execute(select(Backup.id, Backup.state).order_by(Backup.id)).all()
             )
             strategies = session.scalar(select(func.count()).select_from(BackupStrategy))
+            schedules = tuple(
+                session.execute(
+                    select(BackupSchedule.id, BackupSchedule.enabled).order_by(BackupSchedule.id)
+                ).all()
+            )
             return (
                 count,
                 ops,
@@ -314,6 +357,7 @@ class World:
                 *self._configs(),
                 backups,
                 strategies,
+                schedules,
             )
 
     def _configs(self) -> tuple[Any, ...]:
@@ -517,6 +561,14 @@ _CHANGED_RULE = {
 _C = "/v1.0/{tenant_id}/configurations/{configuration_id}"
 #: The instance id is filled in by ``test_matrix`` (see ``_fill_body``).
 _BACKUP = {"backup": {"name": "matrix-b", "instance": "{instance_id}"}}
+_SCHEDULE = {
+    "backup_schedule": {
+        "instance": "{instance_id}",
+        "name": "nightly",
+        "pattern": "30 2 * * *",
+        "retention": {"count": 3},
+    }
+}
 _P = "/v1.0/{tenant_id}/datastores/{datastore}/versions/{version}/parameters"
 _PV = "/v1.0/{tenant_id}/datastores/versions/{version_id}/parameters"
 _MP = "/v1.0/{tenant_id}/mgmt/datastores/versions/{version_id}/parameters"
@@ -628,6 +680,15 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
     ("GET", f"{_I}/root"): [Case(reads())],
     ("POST", f"{_I}/root"): [Case(writes(200))],
     ("DELETE", f"{_I}/root"): [Case(writes(204))],
+    # -- guest logs ------------------------------------------------------------------------------
+    ("GET", f"{_I}/log"): [Case(reads())],
+    # Showing is a POST, so the reader is refused by the read-only backstop too.
+    ("POST", f"{_I}/log"): [
+        Case(writes(200), body={"name": "general"}),
+        Case(writes(200), body={"name": "general", "enable": 1}),
+    ],
+    # Allowed, then 404: the matrix fills {name} with "appdb", which is no log of MariaDB's.
+    ("GET", f"{_I}/log/{{name}}"): [Case(reads(404))],
     # -- limits and quotas ---------------------------------------------------------------------
     ("GET", "/v1.0/{tenant_id}/limits"): [Case(reads(other=200))],
     # The target is the project in the path (demo's): its reader and member see it.
@@ -667,6 +728,14 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
         Case(writes(other=202), body={"backup_strategy": {"swift_container": "nightly"}})
     ],
     ("DELETE", "/v1.0/{tenant_id}/backup_strategies"): [Case(writes(other=202))],
+    # -- backup schedules (Coffer's extension) ---------------------------------------------------
+    ("GET", "/v1.0/{tenant_id}/backup_schedules"): [Case(reads(other=200))],
+    ("POST", "/v1.0/{tenant_id}/backup_schedules"): [Case(writes(200), body=_SCHEDULE)],
+    ("GET", "/v1.0/{tenant_id}/backup_schedules/{schedule_id}"): [Case(reads())],
+    ("PUT", "/v1.0/{tenant_id}/backup_schedules/{schedule_id}"): [
+        Case(writes(200), body={"backup_schedule": {"enabled": False}})
+    ],
+    ("DELETE", "/v1.0/{tenant_id}/backup_schedules/{schedule_id}"): [Case(writes())],
     # -- management ----------------------------------------------------------------------------
     ("GET", "/v1.0/{tenant_id}/mgmt/instances"): [Case(admins())],
     ("GET", "/v1.0/{tenant_id}/mgmt/instances/{instance_id}"): [Case(admins())],
@@ -734,6 +803,7 @@ def _fill(world: World, path: str) -> str:
         "configuration_id": CONFIGURATION_ID,
         "parameter_name": "max_connections",
         "backup_id": BACKUP_ID,
+        "schedule_id": SCHEDULE_ID,
     }
     filled = path
     if "/mgmt/datastore-versions/{version_id}" in path:
