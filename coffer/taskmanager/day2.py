@@ -18,8 +18,13 @@ records the desired state, the operation (``begin_operation``) and an instance e
 
 A flow that fails gives back what it charged to the quota, puts the server's config back, leaves
 the instance's task as it found it and records the reason in the instance's fault and event.
-``converge_configurations`` (run by the taskmanager every few seconds) re-applies a group that
-changed (PUT/PATCH ``/configurations/{id}``) to every idle instance it is attached to.
+
+A group changed by PUT/PATCH ``/configurations/{id}`` reaches its instances at once: the API
+records an ``apply_configuration`` operation for every attached instance that is ACTIVE in the
+same transaction as the new values (``reapply_configuration``) and wakes the taskmanager.
+``converge_configurations`` (run by the taskmanager every few seconds) is the net for the
+instances that were busy then (another operation, a backup, a stopped engine, a silent agent):
+it applies the group once they are ACTIVE again.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from coffer.compute.base import ComputeDriver, ServerSpec
 from coffer.configuration import groups
 from coffer.configuration.parameter_rules import rules_for_version
 from coffer.controlplane import ControlPlane
-from coffer.db.models import Instance, Operation, utcnow
+from coffer.db.models import Instance, Operation, ServiceStatusRow, utcnow
 from coffer.db.models_day2 import Configuration, InstanceEvent
 from coffer.db.session import transaction
 from coffer.errors import RemoteError, RpcTimeout
-from coffer.status import ServerStatus, ServiceStatus, Task
-from coffer.taskmanager.instances import record_fault
+from coffer.status import ServerStatus, ServiceStatus, Task, trove_status
+from coffer.taskmanager.backups import running_backup
+from coffer.taskmanager.instances import CREATE, record_fault
 from coffer.taskmanager.operations import (
     DONE,
     FAILED,
@@ -65,6 +71,14 @@ APPLY_CONFIGURATION = "apply_configuration"
 
 #: Tasks of an instance no operation holds (a day-2 operation may start).
 IDLE_TASKS = (Task.NONE, Task.RESTART_REQUIRED)
+#: Engine statuses in which an instance takes a day-2 operation; a restart also takes an engine
+#: that is stopped, crashed or stuck (Trove's "action allowed" statuses).
+ACTIONABLE_SERVICE = frozenset({ServiceStatus.RUNNING, ServiceStatus.HEALTHY})
+RESTARTABLE_SERVICE = ACTIONABLE_SERVICE | {
+    ServiceStatus.SHUTDOWN,
+    ServiceStatus.CRASHED,
+    ServiceStatus.BLOCKED,
+}
 #: How often the taskmanager looks for configuration groups changed since they were applied.
 CONVERGE_SECONDS = 2.0
 GIB = 1024**3
@@ -180,6 +194,65 @@ def begin_operation(
     op = enqueue(session, kind, inst.id, payload, deadline=deadline)
     record_event(session, inst.id, event[0], caller.user_id, event[1], op.id)
     return op.id
+
+
+def not_actionable(
+    cp: ControlPlane,
+    session: Session,
+    inst: Instance,
+    restart: bool = False,
+    configuration: bool = False,
+) -> str | None:
+    """Why ``inst`` cannot take a day-2 operation now (a sentence for the refusal), or None
+    when it is ACTIVE: its server runs, no operation holds it (task NONE, or RESTART_REQUIRED
+    except for attaching or detaching a group, where Trove wants NONE), no backup of it is being
+    taken, and its guest reported a running engine within ``agent_heartbeat_expiry``. A
+    ``restart`` also takes a stopped, crashed or stuck engine (Trove's rule)."""
+    row = session.get(ServiceStatusRow, inst.id)
+    service = row.status if row is not None else ServiceStatus.NEW
+    allowed = RESTARTABLE_SERVICE if restart else ACTIONABLE_SERVICE
+    idle = (Task.NONE,) if configuration else IDLE_TASKS
+    backup = running_backup(session, inst.id)
+    shown = trove_status(inst.task, inst.server_status, service, backup_running=backup is not None)
+    if inst.deleted or inst.task is Task.DELETING:
+        return "it is being deleted"
+    if inst.task not in idle or inst.server_status is not ServerStatus.ACTIVE:
+        if shown == "ACTIVE":  # a task Trove shows as ACTIVE (UPDATING: access, groups)
+            return f"another operation is under way ({inst.task.value})"
+        return f"its status is {shown}"
+    if backup is not None:
+        return f"its status is BACKUP (backup {backup.id} is being taken)"
+    if service not in allowed:
+        return f"its status is {shown}"
+    expiry = timedelta(seconds=cp.settings.default.agent_heartbeat_expiry)
+    if row is None or row.updated_at < utcnow() - expiry:
+        return "its guest agent is silent"
+    return None
+
+
+def reapply_configuration(
+    cp: ControlPlane, session: Session, caller: Caller, inst: Instance
+) -> str | None:
+    """In the caller's transaction: enqueue an apply of ``inst``'s (changed) group if it is
+    ACTIVE; returns the operation id, or None when it is busy (``converge_configurations``
+    applies the group once it is ACTIVE again). ``inst`` must be locked by the caller."""
+    if inst.configuration_id is None or not_actionable(cp, session, inst) is not None:
+        return None
+    payload = {
+        "configuration_id": inst.configuration_id,
+        "previous_configuration_id": inst.configuration_id,
+    }
+    return begin_operation(
+        cp,
+        session,
+        caller,
+        inst,
+        APPLY_CONFIGURATION,
+        Task.UPDATING,
+        "Applying changed configuration group values.",
+        payload,
+        ("apply_configuration", {"configuration_id": inst.configuration_id}),
+    )
 
 
 def restart_required_parameters(session: Session, version_id: str) -> list[str]:
@@ -480,51 +553,43 @@ class Day2Flows:
         return self.converge_configurations()
 
     def converge_configurations(self) -> list[str]:
-        """Enqueue an apply for every idle instance whose group changed since its last apply;
-        returns the new operations' ids. Busy instances are picked up once they are idle."""
-        last_apply = (
+        """Enqueue an apply for every ACTIVE instance whose group changed since its values were
+        last sent (an apply, or the create that started it with them); returns the new
+        operations' ids. Busy instances are picked up once they are ACTIVE again."""
+        last_sent = (
             select(Operation.instance_id, func.max(Operation.created).label("at"))
-            .where(Operation.kind == APPLY_CONFIGURATION)
+            .where(Operation.kind.in_((APPLY_CONFIGURATION, CREATE)))
             .group_by(Operation.instance_id)
             .subquery()
         )
         query = (
-            select(Instance.id)
+            select(Instance)
             .join(Configuration, Configuration.id == Instance.configuration_id)
-            .outerjoin(last_apply, last_apply.c.instance_id == Instance.id)
+            .outerjoin(last_sent, last_sent.c.instance_id == Instance.id)
             .where(
                 Instance.deleted.is_(False),
                 Instance.server_status == ServerStatus.ACTIVE,
                 Instance.task.in_(IDLE_TASKS),
-                or_(last_apply.c.at.is_(None), last_apply.c.at < Configuration.updated),
+                or_(last_sent.c.at.is_(None), last_sent.c.at < Configuration.updated),
             )
         )
         with self.cp.session_factory() as session:
-            stale = list(session.scalars(query))
+            stale = [
+                inst.id
+                for inst in session.scalars(query)
+                if not_actionable(self.cp, session, inst) is None
+            ]
         if not stale:
             return []  # the usual case: no write transaction, no write lock
         started = []
         with transaction(self.cp.session_factory) as session:
             for instance_id in stale:
                 inst = session.get(Instance, instance_id, with_for_update=True)
-                if inst is None or inst.task not in IDLE_TASKS or inst.configuration_id is None:
+                if inst is None:
                     continue
-                payload = {
-                    "configuration_id": inst.configuration_id,
-                    "previous_configuration_id": inst.configuration_id,
-                }
-                op_id = begin_operation(
-                    self.cp,
-                    session,
-                    Caller(inst.tenant_id, None),
-                    inst,
-                    APPLY_CONFIGURATION,
-                    Task.UPDATING,
-                    "Applying changed configuration group values.",
-                    payload,
-                    ("apply_configuration", {"configuration_id": inst.configuration_id}),
-                )
-                started.append(op_id)
+                op_id = reapply_configuration(self.cp, session, Caller(inst.tenant_id, None), inst)
+                if op_id is not None:
+                    started.append(op_id)
         if started:
             LOG.info("re-applying changed configuration groups (%d operations)", len(started))
         return started

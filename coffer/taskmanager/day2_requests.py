@@ -3,16 +3,17 @@ the operation and an instance event in the caller's transaction (``day2.begin_op
 refusal changes nothing and the taskmanager finds everything it needs in the control DB.
 
 An instance takes a day-2 operation only while it is ACTIVE: its server runs, no other operation
-holds it (task NONE, or RESTART_REQUIRED), and its guest reported a running engine within the
-heartbeat expiry; anything else is a 422 (Trove's ``validate_can_perform_action``). Checks run
-in this order: the body (400), the instance's state (422), the flavor, group or size (400, 404,
-413), the quota (413).
+holds it (task NONE, or RESTART_REQUIRED; attaching or detaching a group needs NONE, as in
+Trove), no backup of it is being taken, and its guest reported a running engine within the
+heartbeat expiry; anything else is a 422 (Trove's ``validate_can_perform_action``;
+``day2.not_actionable``). Checks run in this order: the body (400), the instance's state (422),
+the flavor, group or size (400, 404, 413), the quota (413). A changed configuration group is
+handed to its ACTIVE instances by ``request_group_applies``.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -23,26 +24,23 @@ from coffer.configuration import groups
 from coffer.configuration.values import validate_values
 from coffer.controlplane import ControlPlane
 from coffer.datastores.registry import serving_engine
-from coffer.db.models import DatastoreVersion, Flavor, Instance, ServiceStatusRow, utcnow
+from coffer.db.models import DatastoreVersion, Flavor, Instance
 from coffer.db.models_day2 import Configuration
 from coffer.errors import BadRequest, NotImplementedByDatastore, OverLimit, UnprocessableEntity
-from coffer.status import ServerStatus, ServiceStatus, Task, trove_status
+from coffer.status import Task
 from coffer.taskmanager.day2 import (
     APPLY_CONFIGURATION,
-    IDLE_TASKS,
     RESIZE_FLAVOR,
     RESIZE_VOLUME,
     RESTART,
     UPDATE_ACCESS,
     Caller,
     begin_operation,
+    not_actionable,
+    reapply_configuration,
     record_event,
 )
 
-#: Engine statuses in which an instance takes a day-2 operation; a restart also takes an engine
-#: that is stopped, crashed or stuck (Trove's "action allowed" statuses).
-_ACTIONABLE = frozenset({ServiceStatus.RUNNING, ServiceStatus.HEALTHY})
-_RESTARTABLE = _ACTIONABLE | {ServiceStatus.SHUTDOWN, ServiceStatus.CRASHED, ServiceStatus.BLOCKED}
 _SIZE_RE = re.compile(r"0*[1-9][0-9]{0,8}")
 
 
@@ -71,27 +69,34 @@ def _lock(session: Session, inst: Instance) -> Instance:
 
 
 def ensure_actionable(
-    cp: ControlPlane, session: Session, inst: Instance, what: str, restart: bool = False
+    cp: ControlPlane,
+    session: Session,
+    inst: Instance,
+    what: str,
+    restart: bool = False,
+    configuration: bool = False,
 ) -> None:
     """Refuse (422, ``InstanceNotActionable``) unless the instance is ACTIVE (module doc)."""
-    row = session.get(ServiceStatusRow, inst.id)
-    service = row.status if row is not None else ServiceStatus.NEW
-    expiry = timedelta(seconds=cp.settings.default.agent_heartbeat_expiry)
-    silent = row is None or row.updated_at < utcnow() - expiry
-    allowed = _RESTARTABLE if restart else _ACTIONABLE
-    if (
-        inst.deleted
-        or inst.task not in IDLE_TASKS
-        or inst.server_status is not ServerStatus.ACTIVE
-        or service not in allowed
-        or silent
-    ):
-        shown = trove_status(inst.task, inst.server_status, service)
-        busy = inst.task not in IDLE_TASKS or service not in allowed
-        why = f"its status is {shown}" if busy or not silent else "its guest agent is silent"
+    why = not_actionable(cp, session, inst, restart=restart, configuration=configuration)
+    if why is not None:
         raise InstanceNotActionable(
             f"Instance {inst.id} cannot {what} now: {why}. Try again when it is ACTIVE."
         )
+
+
+def request_group_applies(
+    cp: ControlPlane, session: Session, caller: Caller, instances: list[Instance]
+) -> list[str]:
+    """After PUT/PATCH ``/configurations/{id}`` changed a group, in the same transaction: an
+    apply operation for each of its ``instances`` that is ACTIVE; returns their ids to wake
+    the taskmanager with. The others get the values when they are ACTIVE again
+    (``Day2Flows.converge_configurations``)."""
+    started = []
+    for inst in instances:
+        op_id = reapply_configuration(cp, session, caller, _lock(session, inst))
+        if op_id is not None:
+            started.append(op_id)
+    return started
 
 
 def request_action(
@@ -211,6 +216,7 @@ def request_update(
     if field == "datastore_version":
         if not isinstance(value, str) or not value:
             raise BadRequest("datastore_version must name a version of the instance's datastore.")
+        ensure_actionable(cp, session, inst, "change its datastore version")
         _refuse_upgrade(session, inst, value)
     raise NotImplementedByDatastore(f"Changing '{field}' is not supported by this deployment yet.")
 
@@ -243,7 +249,7 @@ def _attach(
         )
     # The rules may have changed since the values were written (422 naming the parameter).
     validate_values(session, inst.datastore_version_id, groups.group_values(session, group.id))
-    ensure_actionable(cp, session, inst, "change its configuration")
+    ensure_actionable(cp, session, inst, "change its configuration", configuration=True)
     inst.configuration_id = group.id
     payload = {"configuration_id": group.id, "previous_configuration_id": None}
     return begin_operation(
@@ -262,7 +268,7 @@ def _attach(
 def _detach(cp: ControlPlane, session: Session, caller: Caller, inst: Instance) -> str | None:
     if inst.configuration_id is None:
         return None  # as in Trove: nothing attached, nothing to do
-    ensure_actionable(cp, session, inst, "change its configuration")
+    ensure_actionable(cp, session, inst, "change its configuration", configuration=True)
     previous = inst.configuration_id
     inst.configuration_id = None
     payload = {"configuration_id": None, "previous_configuration_id": previous}

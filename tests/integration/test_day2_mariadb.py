@@ -144,10 +144,13 @@ def test_configuration_group_applies_live_and_detach_restores_the_default(maria:
     assert shown["configuration"]["id"] == group
     assert shown["configuration"]["name"] == "conns"
 
-    # A changed group reaches the instance it is attached to.
+    # A changed group reaches the instance it is attached to at once: the PATCH itself records
+    # the apply (the owner's event), the taskmanager's poll is not what carries it.
     patch = {"configuration": {"values": {"max_connections": 666}}}
     resp = maria.api.request("PATCH", f"/configurations/{group}", json=patch)
     assert resp.status_code == 200, resp.text
+    applied = maria.events()[0]
+    assert applied["action"] == "apply_configuration" and applied["user_id"] is not None
     wait_for("max_connections 666", lambda: maria.variable("max_connections") == 666)
     maria.settled()
 
@@ -165,9 +168,9 @@ def test_configuration_group_applies_live_and_detach_restores_the_default(maria:
         ("apply_configuration", "succeeded"),
         ("attach_configuration", "succeeded"),
     ]
-    # The owner attached and detached; Coffer itself re-applied the changed group.
-    assert events[0]["user_id"] == events[2]["user_id"] is not None
-    assert events[1]["user_id"] is None
+    # The owner attached, changed the group and detached.
+    assert events[0]["user_id"] == events[1]["user_id"] == events[2]["user_id"] is not None
+    assert events[1]["details"] == {"configuration_id": group}
     assert all(e["finished"] >= e["created"] and e["fault"] is None for e in events)
     assert maria.api.request("DELETE", f"/configurations/{group}").status_code == 202
 
@@ -184,6 +187,11 @@ def test_restart_required_values_wait_for_a_restart_and_survive_restarts(maria: 
     assert maria.variable("max_connections") == 300  # dynamic: already live
     assert maria.variable("innodb_log_buffer_size") == DEFAULT_LOG_BUFFER
     assert maria.engine_pid() == pid
+    # As in Trove, a group is detached (or attached) only with nothing pending (task NONE).
+    resp = maria.update(configuration=None)
+    assert resp.status_code == 422, resp.text
+    assert "RESTART_REQUIRED" in resp.json()["unprocessableEntity"]["message"]
+    assert maria.show()["configuration"]["id"] == group
 
     assert maria.act({"restart": {}}).status_code == 202
     maria.settled()
@@ -201,6 +209,17 @@ def test_restart_required_values_wait_for_a_restart_and_survive_restarts(maria: 
     wait_for("the engine restarted", lambda: maria.engine_pid() != pid)
     maria.settled()
     assert maria.variable("innodb_log_buffer_size") == 8 * 1024 * 1024
+    assert maria.variable("max_connections") == 300
+
+    # The engine crashes; the agent starts it again, with the values.
+    pid = maria.engine_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the engine started again", lambda: maria.engine_pid() != pid)
+    maria.settled()
+    wait_for(
+        "the values after the crash",
+        lambda: maria.variable("innodb_log_buffer_size") == 8 * 1024 * 1024,
+    )
     assert maria.variable("max_connections") == 300
 
     # Detaching takes max_connections back live; the log buffer waits for a restart again.
@@ -377,23 +396,65 @@ def test_bad_requests_are_refused_and_change_nothing(maria: Maria) -> None:
     assert maria.api.request("DELETE", f"/configurations/{postgres_group}").status_code == 202
 
 
+def _start_backup(api: TenantApi, instance_id: str, name: str) -> str:
+    body = {"backup": {"name": name, "instance": instance_id}}
+    resp = api.request("POST", "/backups", json=body)
+    assert resp.status_code == 202, resp.text
+    backup_id: str = resp.json()["backup"]["id"]
+    return backup_id
+
+
+def _ended_backup(api: TenantApi, backup_id: str) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        resp = api.request("GET", f"/backups/{backup_id}")
+        assert resp.status_code == 200, resp.text
+        backup: dict[str, Any] = resp.json()["backup"]
+        return backup if backup["status"] in ("COMPLETED", "FAILED") else None
+
+    result: dict[str, Any] = wait_for(f"backup {backup_id} to end", ended, 180)
+    return result
+
+
 def test_operations_on_an_instance_that_is_not_active_are_refused(maria: Maria) -> None:
     group = _group(maria.api, "later", {"max_connections": 123})
+    version = maria.show()["datastore"]["version"]
     attempts: list[tuple[str, dict[str, Any]]] = [
         ("action", {"restart": {}}),
         ("action", {"resize": {"flavorRef": "1"}}),
         ("action", {"resize": {"volume": {"size": 3}}}),
         ("update", {"configuration": group}),
         ("update", {"access": {"is_public": False}}),
+        ("update", {"datastore_version": version}),
     ]
 
-    def refuse_all(skip_restart: bool = False) -> None:
+    def refuse_all(skip_restart: bool = False, phrase: str = "ACTIVE") -> None:
         for kind, body in attempts:
             if skip_restart and "restart" in body:
                 continue
             resp = maria.act(body) if kind == "action" else maria.update(**body)
             assert resp.status_code == 422, (body, resp.text)
-            assert "ACTIVE" in resp.json()["unprocessableEntity"]["message"]
+            message = resp.json()["unprocessableEntity"]["message"]
+            assert "ACTIVE" in message and phrase in message, (body, message)
+
+    # A backup is being taken: the instance reads BACKUP and takes nothing, not even a restart
+    # (Trove's rule). The guest agent is paused meanwhile, so the backup cannot end before
+    # every refusal has been seen.
+    before = _fingerprint(maria)
+    agent = maria.agent_pid()
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        backup_id = _start_backup(maria.api, maria.id, "while refusing")
+        assert maria.show()["status"] == "BACKUP"
+        refuse_all(phrase="BACKUP")
+        # A rename alone touches no engine: Trove takes it in any state.
+        assert maria.update(name="day2").status_code == 202
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    assert _ended_backup(maria.api, backup_id)["status"] == "COMPLETED"
+    maria.settled()
+    assert _fingerprint(maria) == before
+    resp = maria.api.request("DELETE", f"/backups/{backup_id}")
+    assert resp.status_code == 202, resp.text
 
     # Busy: a restart holds the instance (REBOOT) until it is done. The guest agent is paused
     # meanwhile, so the restart cannot finish before every refusal has been seen.
@@ -423,3 +484,90 @@ def test_operations_on_an_instance_that_is_not_active_are_refused(maria: Maria) 
     assert maria.act({"restart": {}}).status_code == 202
     maria.settled()
     assert maria.api.request("DELETE", f"/configurations/{group}").status_code == 202
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    """True when ``signum`` waits for ``pid`` to take it (a stopped process takes none)."""
+    pending = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return bool(pending & (1 << (signum - 1)))
+
+
+def _backups_in_use(coffer: Coffer, project: str) -> int:
+    admin = TenantApi(coffer, "admin", "admin")
+    resp = admin.request("GET", f"/mgmt/quotas/{project}")
+    assert resp.status_code == 200, resp.text
+    (row,) = [q for q in resp.json()["quotas"] if q["resource"] == "backups"]
+    in_use: int = row["in_use"]
+    return in_use
+
+
+def test_delete_during_a_backup_is_taken_and_the_backup_fails(maria: Maria) -> None:
+    """As in Trove, only BUILD refuses a delete: a backup being taken does not. The backup
+    ends FAILED, says why, leaves no object and gives its quota back."""
+    api = maria.api
+    doomed = Maria(maria.coffer, api, api.create(**mariadb_instance("doomed", "db", "u", PASSWORD)))
+    deleted = False
+    try:
+        doomed.settled()
+        in_use = _backups_in_use(maria.coffer, api.project)
+        agent = doomed.agent_pid()
+        # Paused, the agent cannot start (let alone finish) the backup before the delete.
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            backup_id = _start_backup(api, doomed.id, "cut short")
+            assert doomed.show()["status"] == "BACKUP"
+            resp = api.request("DELETE", f"/instances/{doomed.id}")
+            assert resp.status_code == 202, resp.text
+            deleted = True
+            # The delete has reached the server: its supervisor told the agent to stop.
+            wait_for("the agent told to stop", lambda: _signal_pending(agent, signal.SIGTERM))
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        wait_for(
+            "the instance gone",
+            lambda: api.request("GET", f"/instances/{doomed.id}").status_code == 404,
+            90,
+        )
+        backup = _ended_backup(api, backup_id)
+        assert backup["status"] == "FAILED", backup
+        assert "deleted" in backup["fail_reason"], backup
+        stored = maria.coffer.state_dir / "backups"
+        objects = [p.name for p in stored.iterdir()] if stored.is_dir() else []
+        assert not [name for name in objects if backup_id in name], objects
+        assert _backups_in_use(maria.coffer, api.project) == in_use
+        resp = api.request("DELETE", f"/backups/{backup_id}")
+        assert resp.status_code == 202, resp.text
+    finally:
+        if not deleted:
+            api.request("DELETE", f"/instances/{doomed.id}")
+
+
+def test_an_instance_created_with_a_group_is_active_with_its_values(maria: Maria) -> None:
+    """Dynamic and restart-required values alike are the engine's when the instance is
+    ACTIVE: no RESTART_REQUIRED, no restart afterwards, and the group is shown."""
+    api = maria.api
+    group = _group(
+        api, "from-birth", {"max_connections": 555, "innodb_log_buffer_size": 8 * 1024 * 1024}
+    )
+    body = {**mariadb_instance("born-tuned", "appdb", "app", PASSWORD), "configuration": group}
+    resp = api.request("POST", "/instances", json={"instance": body})
+    assert resp.status_code == 200, resp.text
+    created = resp.json()["instance"]
+    assert created["configuration"]["id"] == group
+    tuned = Maria(maria.coffer, api, created["id"])
+    try:
+        shown = tuned.settled()
+        assert shown["configuration"] == created["configuration"]
+        pid = tuned.engine_pid()
+        assert tuned.variable("max_connections") == 555
+        assert tuned.variable("innodb_log_buffer_size") == 8 * 1024 * 1024
+        assert tuned.show()["status"] == "ACTIVE"
+        assert tuned.engine_pid() == pid, "the engine was restarted after it was ACTIVE"
+        # Nothing was applied again after the create: no operation other than the create's.
+        assert tuned.events() == []
+    finally:
+        api.delete_and_wait_gone(tuned.id)
+    assert api.request("DELETE", f"/configurations/{group}").status_code == 202

@@ -228,3 +228,74 @@ def test_redis_values_apply_live_and_immutable_ones_at_restart(
     settled(api, instance_id)
     assert config("databases") == "16"
     assert api.request("DELETE", f"/configurations/{group_id}").status_code == 202
+
+
+def _postmaster_pid(api: TenantApi, instance_id: str) -> int:
+    pidfile = api.coffer.state_dir / "instances" / instance_id / "run" / "postgres.pid"
+    return int(pidfile.read_text().split()[0])
+
+
+def test_postgresql_created_with_a_group_is_active_with_its_values(api: TenantApi) -> None:
+    """A restart-required value is live when the instance is ACTIVE (the guest restarted the
+    new engine once before reporting it ready), with no RESTART_REQUIRED and no restart after."""
+    group_id = group(api, "postgresql", {"max_connections": 77, "work_mem": 8192})
+    instance_id = api.create(
+        name="pg-tuned",
+        flavorRef="6",
+        volume={"size": 1},
+        datastore={"type": "postgresql"},
+        databases=[{"name": "appdb"}],
+        users=[{"name": "app", "password": PASSWORD, "databases": [{"name": "appdb"}]}],
+        configuration=group_id,
+    )
+    try:
+        shown = settled(api, instance_id)
+        assert shown["configuration"]["id"] == group_id
+        pid = _postmaster_pid(api, instance_id)
+        host = address(api, instance_id)
+        assert (pg_show(host, "max_connections"), pg_show(host, "work_mem")) == ("77", "8MB")
+        assert api.show(instance_id)["status"] == "ACTIVE"
+        assert _postmaster_pid(api, instance_id) == pid
+        events = api.request("GET", f"/instances/{instance_id}/events").json()["events"]
+        assert events == []
+    finally:
+        api.delete_and_wait_gone(instance_id)
+    assert api.request("DELETE", f"/configurations/{group_id}").status_code == 202
+
+
+def test_postgresql_resize_keeps_every_row_and_resizes_the_engine(
+    api: TenantApi, postgres: str
+) -> None:
+    host = address(api, postgres)
+    with pg_login(host) as conn:
+        conn.execute("CREATE TABLE kept (id int PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 500) g")
+    # A 1 GB volume and a 256 MB flavor: max_wal_size is an eighth of the volume,
+    # shared_buffers a quarter of the RAM.
+    assert (pg_show(host, "max_wal_size"), pg_show(host, "shared_buffers")) == ("128MB", "64MB")
+    pid = _postmaster_pid(api, postgres)
+    with pg_login(host) as session:  # opened before the volume resize, used after it
+        resp = api.request(
+            "POST", f"/instances/{postgres}/action", json={"resize": {"volume": {"size": 2}}}
+        )
+        assert resp.status_code == 202, resp.text
+        shown = settled(api, postgres)
+        assert shown["volume"]["size"] == 2
+        assert pg_show(host, "max_wal_size") == "256MB"  # reloaded: the engine kept running
+        assert _postmaster_pid(api, postgres) == pid
+        row = session.execute("SELECT count(*) FROM kept").fetchone()
+        assert row == (500,)
+
+    resp = api.request("POST", f"/instances/{postgres}/action", json={"resize": {"flavorRef": "1"}})
+    assert resp.status_code == 202, resp.text
+    shown = settled(api, postgres)
+    assert shown["flavor"]["id"] == "1"
+    assert pg_show(host, "shared_buffers") == "128MB"
+    with pg_login(host) as conn:
+        row = conn.execute("SELECT count(*), sum(id) FROM kept").fetchone()
+    assert row == (500, 500 * 501 // 2)
+    events = api.request("GET", f"/instances/{postgres}/events").json()["events"]
+    assert [(e["action"], e["state"]) for e in events[:2]] == [
+        ("resize_flavor", "succeeded"),
+        ("resize_volume", "succeeded"),
+    ]

@@ -22,6 +22,7 @@ from coffer.configuration.parameter_rules import register_shipped_rules
 from coffer.controlplane import ControlPlane
 from coffer.datastores import registry
 from coffer.db.models import Instance, Operation, ServiceStatusRow, utcnow
+from coffer.db.models_backups import Backup, BackupState
 from coffer.db.models_day2 import InstanceEvent
 from coffer.db.session import transaction
 from coffer.errors import BadRequest, CofferError, NotFound, NotImplementedByDatastore, OverLimit
@@ -31,8 +32,11 @@ from coffer.taskmanager.day2_requests import (
     InstanceNotActionable,
     record_rename,
     request_action,
+    request_group_applies,
     request_update,
 )
+from coffer.taskmanager.instances import CREATE
+from coffer.taskmanager.operations import enqueue
 
 PROJECT = "demo-project"
 USER = "demo-user"
@@ -342,3 +346,164 @@ def test_an_event_whose_operation_was_cancelled_shows_the_outcome(world: World) 
         (event,) = day2.list_events(session, world.instance_id)
     assert event["state"] == "failed"
     assert event["fault"] == {"message": "cancelled by reset_status"}
+
+
+def _add_backup(world: World, state: BackupState = BackupState.NEW) -> str:
+    with transaction(world.cp.session_factory) as session:
+        row = Backup(
+            tenant_id=PROJECT,
+            name="nightly",
+            instance_id=world.instance_id,
+            datastore_version_id=world.version_id,
+            state=state,
+            storage_driver="file",
+            storage_key=f"{PROJECT}/x",
+            volume_size=1,
+            engine_position={},
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def _set_backup_state(world: World, backup_id: str, state: BackupState) -> None:
+    with transaction(world.cp.session_factory) as session:
+        row = session.get(Backup, backup_id)
+        assert row is not None
+        row.state = state
+
+
+def _every_operation(world: World, group: str) -> list[Any]:
+    return [
+        lambda: world.action("restart", {}),
+        lambda: world.action("resize", {"flavorRef": "1"}),
+        lambda: world.action("resize", {"volume": {"size": 2}}),
+        lambda: world.update("configuration", group),
+        lambda: world.update("access", {"is_public": True}),
+        lambda: world.update("datastore_version", "spare"),
+    ]
+
+
+@pytest.mark.parametrize("state", [BackupState.NEW, BackupState.BUILDING, BackupState.SAVING])
+def test_a_running_backup_refuses_every_operation(world: World, state: BackupState) -> None:
+    group = world.group({"max_connections": 200}, datastore="mariadb")
+    backup = _add_backup(world, state)
+    before = world.counts()
+    for call in _every_operation(world, group):
+        with pytest.raises(InstanceNotActionable, match=f"status is BACKUP \\(backup {backup}"):
+            call()
+    assert world.counts() == before
+    # Detaching is an operation too.
+    with transaction(world.cp.session_factory) as session:
+        inst = session.get(Instance, world.instance_id)
+        assert inst is not None
+        inst.configuration_id = group
+    with pytest.raises(InstanceNotActionable, match="BACKUP"):
+        world.update("configuration", None)
+    assert world.instance().configuration_id == group
+    # Once the backup has ended the instance is ACTIVE again.
+    _set_backup_state(world, backup, BackupState.COMPLETED)
+    assert world.action("restart", {})
+
+
+@pytest.mark.parametrize(
+    ("task", "server", "shown"),
+    [
+        (Task.BUILDING, ServerStatus.BUILD, "BUILD"),
+        (Task.BUILDING_ERROR_GUEST, ServerStatus.ERROR, "ERROR"),
+        (Task.RESIZING, ServerStatus.ACTIVE, "RESIZE"),
+        (Task.UPDATING, ServerStatus.ACTIVE, "another operation is under way"),
+        (Task.DELETING, ServerStatus.ACTIVE, "being deleted"),
+    ],
+)
+def test_building_busy_failed_or_deleting_instances_refuse_everything(
+    world: World, task: Task, server: ServerStatus, shown: str
+) -> None:
+    group = world.group({"max_connections": 200}, datastore="mariadb")
+    world.set_state(task=task)
+    with transaction(world.cp.session_factory) as session:
+        inst = session.get(Instance, world.instance_id)
+        assert inst is not None
+        inst.server_status = server
+    before = world.counts()
+    for call in _every_operation(world, group):
+        with pytest.raises(InstanceNotActionable, match=shown) as refused:
+            call()
+        assert refused.value.status == 422
+    assert world.counts() == before
+
+
+def test_restart_required_takes_restart_and_resize_but_not_group_changes(world: World) -> None:
+    group = world.group({"max_connections": 200}, datastore="mariadb")
+    world.set_state(task=Task.RESTART_REQUIRED)
+    before = world.counts()
+    # As in Trove: attaching and detaching need task NONE.
+    with pytest.raises(InstanceNotActionable, match="status is RESTART_REQUIRED"):
+        world.update("configuration", group)
+    with transaction(world.cp.session_factory) as session:
+        inst = session.get(Instance, world.instance_id)
+        assert inst is not None
+        inst.configuration_id = group
+    with pytest.raises(InstanceNotActionable, match="status is RESTART_REQUIRED"):
+        world.update("configuration", None)
+    assert world.counts()[:2] == before[:2]
+    # What Trove's action guard allows: a restart (which clears it), and a resize.
+    op_id = world.action("resize", {"volume": {"size": 2}})
+    with world.cp.session_factory() as session:
+        op = session.get(Operation, op_id)
+        assert op is not None and op.payload["prior_task"] == "restart_required"
+    world.set_state(task=Task.RESTART_REQUIRED)
+    assert world.action("restart", {})
+
+
+def test_a_changed_group_is_handed_to_active_instances_at_once(world: World) -> None:
+    no_compute: Any = None  # finding changed groups needs no compute driver
+    flows = day2.Day2Flows(world.cp, no_compute)
+    group = world.group({"max_connections": 300}, datastore="mariadb")
+    world.update("configuration", group)
+    world.set_state()
+
+    def patch(values: dict[str, Any]) -> list[str]:
+        with transaction(world.cp.session_factory) as session:
+            _, attached = groups.merge_values(session, groups.Owner(PROJECT), group, values)
+            return request_group_applies(world.cp, session, CALLER, attached)
+
+    (op_id,) = patch({"max_connections": 400})
+    assert world.instance().task is Task.UPDATING
+    with world.cp.session_factory() as session:
+        op = session.get(Operation, op_id)
+        assert op is not None and op.kind == day2.APPLY_CONFIGURATION
+        latest = day2.list_events(session, world.instance_id)[0]
+    # The owner's change, applied by the API's own operation: the poll has nothing left to do.
+    assert (latest["action"], latest["user_id"]) == ("apply_configuration", USER)
+    world.set_state()
+    assert flows.converge_configurations() == []
+
+    # While a backup runs the instance is not ACTIVE: the change waits for it to end.
+    backup = _add_backup(world)
+    before = world.counts()
+    assert patch({"max_connections": 500}) == []
+    assert flows.converge_configurations() == []
+    assert world.counts()[:2] == before[:2]
+    _set_backup_state(world, backup, BackupState.COMPLETED)
+    (later,) = flows.converge_configurations()
+    with world.cp.session_factory() as session:
+        latest = day2.list_events(session, world.instance_id)[0]
+    assert (latest["action"], latest["user_id"]) == ("apply_configuration", None)
+    assert later != op_id
+
+
+def test_an_instance_created_with_a_group_is_not_applied_again(world: World) -> None:
+    no_compute: Any = None
+    flows = day2.Day2Flows(world.cp, no_compute)
+    group = world.group({"max_connections": 300}, datastore="mariadb")
+    with transaction(world.cp.session_factory) as session:
+        inst = session.get(Instance, world.instance_id)
+        assert inst is not None
+        inst.configuration_id = group
+        # The create that gave the engine the group's values.
+        enqueue(session, CREATE, inst.id, {})
+    assert flows.converge_configurations() == []
+    with transaction(world.cp.session_factory) as session:
+        groups.merge_values(session, groups.Owner(PROJECT), group, {"max_connections": 301})
+    assert len(flows.converge_configurations()) == 1

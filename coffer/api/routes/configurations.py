@@ -7,9 +7,11 @@ a single parameter is shown unwrapped. Values a rule refuses are 422 naming the 
 the rule. The logic lives in ``coffer.configuration``; each route names its policy rule in
 ``authorize("<rule>")`` (``coffer.api.policy``).
 
-Attaching a group to an instance (``PUT /instances/{id}``) and applying values in the guest are
-not here: PUT and PATCH return the group's live instances (``replace_values``/``merge_values``)
-for that step to hand the new values to.
+Attaching a group to an instance (``PUT /instances/{id}``) is not here. PUT and PATCH hand the
+new values to the group's instances at once: in the transaction that writes them, an
+``apply_configuration`` operation is recorded for each attached instance that is ACTIVE
+(``day2_requests.request_group_applies``), and the taskmanager is woken after the commit. An
+instance busy at that moment gets them from the taskmanager once it is ACTIVE again.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from sqlalchemy.orm import Session
 
 from coffer import catalog
 from coffer.api.audit import AuditedRoute, note_target
-from coffer.api.context import RequestContext, ServicesDep
+from coffer.api.context import RequestContext, Services, ServicesDep
 from coffer.api.pagination import page_request, paginate
 from coffer.api.policy import authorize
+from coffer.api.routes.instance_support import wake_taskmanager
 from coffer.configuration import groups
 from coffer.configuration import parameter_rules as rules
 from coffer.db.models import DatastoreVersion, Instance
 from coffer.db.session import transaction
 from coffer.errors import ValidationError
+from coffer.taskmanager import day2, day2_requests
 
 router = APIRouter(prefix="/v1.0/{tenant_id}", tags=["configurations"], route_class=AuditedRoute)
 
@@ -101,6 +105,16 @@ class ParameterRuleBody(BaseModel):
 
 def _owner(ctx: RequestContext) -> groups.Owner:
     return groups.Owner(project_id=ctx.project_id, is_admin=ctx.is_admin)
+
+
+def _caller(ctx: RequestContext) -> day2.Caller:
+    return day2.Caller(ctx.project_id, ctx.auth.user_id, ctx.auth.is_admin)
+
+
+def _wake(services: Services, op_ids: list[str]) -> None:
+    """One wake is enough: the taskmanager then claims every operation that is due."""
+    if op_ids:
+        wake_taskmanager(services.rpc, op_ids[0])
 
 
 def _instance_item(inst: Instance, ctx: RequestContext) -> dict[str, Any]:
@@ -201,7 +215,7 @@ def replace_configuration(
 ) -> Response:
     change = body.configuration
     with transaction(services.session_factory) as session:
-        groups.replace_values(
+        _, attached = groups.replace_values(
             session,
             _owner(ctx),
             configuration_id,
@@ -209,6 +223,8 @@ def replace_configuration(
             name=change.name,
             description=change.description,
         )
+        op_ids = day2_requests.request_group_applies(services.rpc, session, _caller(ctx), attached)
+    _wake(services, op_ids)
     return Response(status_code=202)
 
 
@@ -223,7 +239,11 @@ def edit_configuration(
     services: ServicesDep,
 ) -> Response:
     with transaction(services.session_factory) as session:
-        groups.merge_values(session, _owner(ctx), configuration_id, body.configuration.values)
+        _, attached = groups.merge_values(
+            session, _owner(ctx), configuration_id, body.configuration.values
+        )
+        op_ids = day2_requests.request_group_applies(services.rpc, session, _caller(ctx), attached)
+    _wake(services, op_ids)
     return Response(status_code=200)
 
 
