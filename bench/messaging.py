@@ -2,10 +2,12 @@
 
 Heartbeat ingestion: ``count`` sealed heartbeats from ``senders`` instances (each with its own key
 in a private control DB) wait in the queue; then Coffer's real ``Conductor`` (key lookup,
-freshness and sequence guard, status write in SQLite) consumes them. The rate is counted from the
-first heartbeat ingested to the last, so connection set-up is left out. The baseline publishes
-the same number of unsealed JSON heartbeats and consumes them with plain kombu consumers (as many
-as the conductor has workers, prefetch 1, acknowledged after handling): the transport alone.
+freshness and sequence guard, status writes in SQLite, acknowledgement after the commit)
+consumes them. The baseline publishes the same number of unsealed JSON heartbeats and consumes
+them with plain kombu consumers (two, prefetch 1, acknowledged after handling): the transport
+alone. Both rates run from the moment the consumers are started (connecting included) to the
+last heartbeat handled, so a consumer that takes messages in batches is timed the same way as
+one that takes them one by one.
 
 Round trip: a guest-like ``RpcServer`` (the agent's settings: its own key, two workers) echoes
 ``calls`` sequential sealed calls; the baseline is kombu request/reply with a reply queue and
@@ -19,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +46,27 @@ class _Clock:
         self.last = 0.0
         self._lock = threading.Lock()
 
-    def tick(self) -> None:
+    def start(self) -> None:
+        """The consumers are being started: the clock runs from here."""
+        with self._lock:
+            self.first = time.perf_counter()
+
+    def tick(self, handled: int = 1) -> None:
         now = time.perf_counter()
         with self._lock:
-            if self.count == 0:
-                self.first = now
-            self.count += 1
-            self.progress += 1
+            self.count += handled
+            self.progress += handled
             self.last = now
 
-    def tick_idle(self) -> None:
+    def tick_idle(self, handled: int = 1) -> None:
         """Something was handled that does not count (e.g. rejected): only proves progress."""
         with self._lock:
-            self.progress += 1
+            self.progress += handled
 
     def rate(self) -> float:
-        if self.count < 2 or self.last <= self.first:
+        if self.count < 1 or self.last <= self.first:
             raise BenchError("too few messages were handled to compute a rate")
-        return (self.count - 1) / (self.last - self.first)
+        return self.count / (self.last - self.first)
 
 
 def _wait_for(condition: Callable[[], bool], clock: _Clock, what: str, stall: float = 15) -> None:
@@ -78,22 +83,6 @@ def _wait_for(condition: Callable[[], bool], clock: _Clock, what: str, stall: fl
 # -- heartbeats ---------------------------------------------------------------------------------
 
 
-class _RejectionCounter(logging.Handler):
-    """Counts the RPC server's "rejected a message on <topic>" warnings (replays, reports out
-    of order), so the benchmark knows when every queued heartbeat has been dealt with."""
-
-    def __init__(self, topic: str, clock: _Clock) -> None:
-        super().__init__(logging.WARNING)
-        self.topic = topic
-        self.clock = clock
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.args and self.topic in record.args and "rejected" in str(record.msg):
-            self.count += 1
-            self.clock.tick_idle()
-
-
 def sealed_heartbeats(url: str, state_dir: Path, senders: int, count: int) -> tuple[float, int]:
     """Heartbeats per second Coffer's conductor ingests (see the module docstring), and how
     many of them it rejected (a report older than one already taken from the same instance)."""
@@ -101,6 +90,7 @@ def sealed_heartbeats(url: str, state_dir: Path, senders: int, count: int) -> tu
     from coffer.bus.envelope import SequenceCounter, seal
     from coffer.bus.rpc import CONTENT_TYPE
     from coffer.bus.transport import connection, delete_queue
+    from coffer.conductor.heartbeats import HeartbeatReport
     from coffer.conductor.service import Conductor
     from coffer.config import load_settings
     from coffer.controlplane import ControlPlane
@@ -114,15 +104,23 @@ def sealed_heartbeats(url: str, state_dir: Path, senders: int, count: int) -> tu
     cp = ControlPlane(settings)
     clock = _Clock()
 
+    rejected = 0
+
     class CountingConductor(Conductor):
-        def heartbeat(self, *args: Any, **kwargs: Any) -> None:
-            super().heartbeat(*args, **kwargs)
-            clock.tick()
+        def record_heartbeats(self, reports: Sequence[HeartbeatReport]) -> list[bool]:
+            nonlocal rejected
+            accepted = super().record_heartbeats(reports)
+            applied = sum(accepted)
+            rejected += len(accepted) - applied
+            clock.tick(applied)
+            clock.tick_idle(len(accepted) - applied)
+            return accepted
 
     topic = f"bench.conductor.{uuid.uuid4().hex}"
     conductor = CountingConductor(cp, topic=topic)
-    rejections = _RejectionCounter(topic, clock)
-    rpc_log = logging.getLogger("coffer.bus.rpc")
+    # Rejections are counted from the guard's answers; their warnings would only be noise.
+    ingest_log = logging.getLogger("coffer.conductor.ingest")
+    saved = ingest_log.level
     try:
         keys: list[tuple[str, bytes, SequenceCounter]] = []
         with transaction(cp.session_factory) as session:
@@ -178,21 +176,14 @@ def sealed_heartbeats(url: str, state_dir: Path, senders: int, count: int) -> tu
                     delivery_mode=2,
                     declare=[queue],
                 )
-        # The warnings must reach our handler even when the bench runs quietly; they are
-        # counted here instead of printed.
-        saved = rpc_log.level, rpc_log.propagate
-        rpc_log.setLevel(logging.WARNING)
-        rpc_log.propagate = False
-        rpc_log.addHandler(rejections)
+        ingest_log.setLevel(logging.ERROR)
+        clock.start()
         conductor.start()
-        _wait_for(lambda: clock.count + rejections.count >= count, clock, "conductor")
-        return clock.rate(), rejections.count
+        _wait_for(lambda: clock.progress >= count, clock, "conductor")
+        return clock.rate(), rejected
     finally:
         conductor.stop()
-        if rejections in rpc_log.handlers:
-            rpc_log.removeHandler(rejections)
-            rpc_log.setLevel(saved[0])
-            rpc_log.propagate = saved[1]
+        ingest_log.setLevel(saved)
         delete_queue(url, topic)
         cp.close()
 
@@ -246,6 +237,7 @@ def raw_heartbeats(url: str, count: int, workers: int = 2) -> float:
                     except TimeoutError:
                         continue
 
+        clock.start()
         for _ in range(workers):
             thread = threading.Thread(target=consume, daemon=True)
             thread.start()

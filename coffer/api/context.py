@@ -17,6 +17,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from coffer.api.errors import request_id_of
 from coffer.config import Settings
@@ -124,6 +125,19 @@ def authenticate_request(request: Request) -> AuthContext:
     return services.identity.validate(token)
 
 
+async def authenticate_request_async(request: Request) -> AuthContext:
+    """``authenticate_request`` for async code: a token the embedded identity validated within
+    ``[identity] token_cache_time`` seconds is answered on the event loop; every other check
+    (the control DB, an external Keystone) runs in the thread pool, never on the loop."""
+    services = get_services(request)
+    token = request.headers.get(AUTH_HEADER)
+    if token and services.token_validator is None:
+        cached = services.identity.recently_validated(token)
+        if cached is not None:
+            return cached
+    return await run_in_threadpool(authenticate_request, request)
+
+
 def get_context(request: Request, tenant_id: str) -> RequestContext:
     """FastAPI dependency for every ``/v1.0/{tenant_id}/...`` route.
 
@@ -170,4 +184,11 @@ def require_admin(ctx: Context) -> RequestContext:
 
 
 AdminContext = Annotated[RequestContext, Depends(require_admin)]
-ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def _services_dependency(request: Request) -> Services:
+    # ``get_services`` as a dependency: async, so FastAPI does not hop to a worker thread for it.
+    return get_services(request)
+
+
+ServicesDep = Annotated[Services, Depends(_services_dependency)]

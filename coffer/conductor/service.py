@@ -5,21 +5,29 @@ instance's own key (looked up in the control DB and unwrapped with the master ke
 instance as its sender (a guest speaks only for itself), must be fresh, and must carry a sequence
 number higher than the last one accepted from that instance for that method; anything else is
 dropped with a warning. Reports for deleted instances are ignored.
+
+Reports are taken off the bus in batches (``coffer.conductor.ingest``); the heartbeats of a batch
+are checked one by one and written in one transaction (``coffer.conductor.heartbeats``), and a
+message is acknowledged only once its effect is committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from coffer.bus.envelope import Envelope, ReplayGuard
-from coffer.bus.rpc import RpcServer
+from coffer.conductor import heartbeats
+from coffer.conductor.ingest import ReportIngester
 from coffer.controlplane import CONDUCTOR_TOPIC, ControlPlane
-from coffer.db.models import ConductorLastSeen, Instance, ServiceStatusRow, utcnow
+from coffer.db.models import ConductorLastSeen, Instance, ServiceStatusRow
 from coffer.db.session import transaction
 from coffer.errors import NotFound, SealError
 from coffer.status import ServiceStatus
@@ -31,7 +39,7 @@ LOG = logging.getLogger(__name__)
 _CURRENT = threading.local()
 
 #: A report older than this (by its own clock) is stale and dropped.
-MAX_REPORT_AGE = 60.0
+MAX_REPORT_AGE = heartbeats.MAX_REPORT_AGE
 
 
 class InstanceKeyRing:
@@ -39,12 +47,32 @@ class InstanceKeyRing:
 
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
+        self._looked_up: set[str] = set()
+        self._lock = threading.Lock()
 
     def key_for(self, key_id: str) -> bytes:
         try:
             return self.cp.instance_key(key_id)
         except NotFound as exc:
             raise SealError(f"message sealed for unknown instance {key_id}") from exc
+
+    def preload(self, key_ids: Sequence[str]) -> None:
+        """Read the keys of ``key_ids`` not looked up before in one query (the senders of a
+        batch), so a conductor meeting thousands of instances does not query once for each."""
+        with self._lock:
+            new = sorted(set(key_ids) - self._looked_up)
+        if not new:
+            return
+        with self.cp.session_factory() as session:
+            # Loads the rows into the session, where ``instance_key`` finds them (``rows`` keeps
+            # them alive: the session holds its objects weakly).
+            rows = session.scalars(select(Instance).where(Instance.id.in_(new))).all()
+            for key_id in new:
+                with contextlib.suppress(NotFound):
+                    self.cp.instance_key(key_id, session)
+            del rows
+        with self._lock:
+            self._looked_up.update(new)
 
 
 class SequenceGuard:
@@ -78,12 +106,12 @@ class SequenceGuard:
 class Conductor:
     """RPC endpoints for guest reports. ``instance_id`` is checked against the sealed sender."""
 
-    rpc_methods = frozenset({"heartbeat", "update_backup"})
+    rpc_methods = frozenset({"heartbeat", "update_backup", "update_archive"})
 
     def __init__(self, cp: ControlPlane, topic: str = CONDUCTOR_TOPIC) -> None:
         self.cp = cp
         self.topic = topic
-        self._server: RpcServer | None = None
+        self._server: ReportIngester | None = None
 
     def heartbeat(
         self,
@@ -99,23 +127,22 @@ class Conductor:
         except ValueError:
             LOG.warning("instance %s reported unknown status %r; ignored", instance_id, status)
             return
-        reported = datetime.fromtimestamp(sent_at, UTC).replace(tzinfo=None)
+        report = heartbeats.HeartbeatReport(
+            instance_id=instance_id,
+            seq=0,
+            status=observed,
+            reported=datetime.fromtimestamp(sent_at, UTC).replace(tzinfo=None),
+            volume_used=int(volume.get("used", 0)) if volume else None,
+            volume_total=int(volume.get("total", 0)) if volume else None,
+            message=message,
+        )
         with transaction(self.cp.session_factory) as session:
             inst = session.get(Instance, instance_id)
             if inst is None or inst.deleted:
                 return
-            row = session.get(ServiceStatusRow, instance_id)
-            if row is None:
-                row = ServiceStatusRow(instance_id=instance_id)
-                session.add(row)
-            if row.reported_at is not None and reported < row.reported_at:
-                return  # an older observation arriving late must not overwrite a newer one
-            row.status = observed
-            row.reported_at = reported
-            row.updated_at = utcnow()
-            if volume:
-                inst.volume_used_bytes = int(volume.get("used", 0))
-                inst.volume_total_bytes = int(volume.get("total", 0))
+            heartbeats.apply_heartbeat(
+                session, inst, session.get(ServiceStatusRow, instance_id), report
+            )
         if message and observed is ServiceStatus.FAILED:
             LOG.warning("instance %s reports failure: %s", instance_id, message)
 
@@ -153,18 +180,51 @@ class Conductor:
         if new_state is not None and state != "building":
             LOG.info("backup %s of instance %s is %s", backup_id, instance_id, new_state.value)
 
+    def update_archive(
+        self,
+        instance_id: str,
+        sent_at: float,
+        segment: str,
+        lsn: str | None = None,
+        time: str | None = None,
+    ) -> None:
+        """Record how far a guest's log archive goes (``coffer.guest.backup.archive``): see
+        ``coffer.taskmanager.backups.apply_archive_report``; the extent only moves forward."""
+        from coffer.taskmanager.backups import apply_archive_report
+
+        with transaction(self.cp.session_factory) as session:
+            inst = session.get(Instance, instance_id)
+            if inst is None:
+                return
+            apply_archive_report(session, instance_id, segment, lsn, time)
+
+    def record_heartbeats(self, reports: Sequence[heartbeats.HeartbeatReport]) -> list[bool]:
+        """Apply checked heartbeats in order, in one transaction (sequence guard included);
+        whether each passed the guard. See ``coffer.conductor.heartbeats``."""
+        accepted = heartbeats.record_heartbeats(self.cp.session_factory, reports)
+        for report, ok in zip(reports, accepted, strict=True):
+            if ok and report.message and report.status is ServiceStatus.FAILED:
+                LOG.warning("instance %s reports failure: %s", report.instance_id, report.message)
+        return accepted
+
     def start(self) -> None:
-        self._server = RpcServer(
+        keyring = InstanceKeyRing(self.cp)
+        self._server = ReportIngester(
             self.cp.bus_url,
             self.topic,
-            _SenderBound(self),
-            InstanceKeyRing(self.cp),
+            keyring,
+            preload_keys=keyring.preload,
+            record_heartbeats=self.record_heartbeats,
+            endpoints=_SenderBound(self),
             guard=SequenceGuard(self.cp),
-            require_sender_is_key_id=True,
-            workers=2,
+            signatures=self,
         )
         self._server.start()
         LOG.info("conductor started")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the conductor consumes its topic; False on timeout (or if not started)."""
+        return self._server is not None and self._server.wait_ready(timeout)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -196,6 +256,10 @@ class _SenderBound:
     def update_backup(self, **kwargs: Any) -> None:
         self._check_sender(kwargs)
         self._conductor.update_backup(**kwargs)
+
+    def update_archive(self, **kwargs: Any) -> None:
+        self._check_sender(kwargs)
+        self._conductor.update_archive(**kwargs)
 
     @staticmethod
     def _check_sender(kwargs: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from coffer.identity.passwords import (
     hash_password,
     verify_password,
 )
+from coffer.identity.token_cache import TokenCache
 from coffer.identity.tokens import TokenCodec, TokenPayload
 
 DEFAULT_DOMAIN_ID = "default"
@@ -90,8 +91,12 @@ class IdentityService:
     ``token_key`` is secret keying material (normally the master key): the Fernet key is derived
     from it with HKDF, so rotating it invalidates every token. ``scrypt_cost`` sets the cost of
     newly stored password hashes; only tests should lower it. Every method opens its own
-    transaction on ``session_factory``; none keeps state between calls, so one instance may be
-    shared by all request threads.
+    session on ``session_factory``, so one instance may be shared by all request threads.
+
+    ``validate`` remembers what it found for ``[identity] token_cache_time`` seconds (see
+    ``coffer.identity.token_cache``): a user, project or role change made through this instance
+    applies to tokens at once, one made by another process within that many seconds. Tests may
+    pass a ``token_cache`` of their own (e.g. with a clock they control).
     """
 
     def __init__(
@@ -101,11 +106,17 @@ class IdentityService:
         settings: Settings,
         *,
         scrypt_cost: ScryptCost = DEFAULT_COST,
+        token_cache: TokenCache | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._codec = TokenCodec(token_key)
         self._settings = settings
         self._cost = scrypt_cost
+        self._token_cache = (
+            token_cache
+            if token_cache is not None
+            else TokenCache(settings.identity.token_cache_time)
+        )
 
     def __repr__(self) -> str:
         return "IdentityService(<key hidden>)"
@@ -170,10 +181,29 @@ class IdentityService:
 
         Raises ``Unauthorized`` when the token is malformed, forged, expired, or when its user or
         project has since been disabled or removed. Roles are the token's roles that the user
-        still holds: a token never grants more than the user has now.
+        still holds: a token never grants more than the user has now ("now" being at most
+        ``[identity] token_cache_time`` seconds ago for changes made by other processes).
         """
+        cache = self._token_cache
+        key = cache.key(token)
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        generation = cache.generation
         ctx, _roles = self._validate(token)
+        cache.put(key, ctx, generation)
         return ctx
+
+    def recently_validated(self, token: str) -> AuthContext | None:
+        """What ``validate`` would return for ``token`` if it can answer from its cache (a
+        token it validated within ``token_cache_time`` seconds, unexpired); None otherwise.
+        Never touches the control DB, so it may run on an event loop."""
+        return self._token_cache.get(TokenCache.key(token))
+
+    def forget_validated_tokens(self) -> None:
+        """Make the next ``validate`` of every token check the control DB again (called after
+        every identity change made through this service)."""
+        self._token_cache.invalidate()
 
     def token_body(self, token: str, base_url: str | None = None) -> dict[str, Any]:
         """The ``{"token": {...}}`` body for a valid ``token`` (for ``GET /v3/auth/tokens``)."""
@@ -186,7 +216,8 @@ class IdentityService:
         expires = datetime.fromtimestamp(payload.expires_at, UTC)
         if expires <= now:
             raise Unauthorized(f"The token expired at {format_time(expires)}; {_RENEW_HINT}.")
-        with transaction(self._session_factory) as session:
+        # Only reads: a plain session, so validations never queue for the write lock.
+        with self._session_factory() as session:
             user = session.get(User, payload.user_id)
             project = session.get(Project, payload.project_id)
             if user is None or not user.enabled or project is None or not project.enabled:
@@ -257,12 +288,15 @@ class IdentityService:
         """Create the ``admin``, ``member`` and ``reader`` roles if missing (idempotent)."""
         with transaction(self._session_factory) as session:
             self._ensure_roles(session)
+        self.forget_validated_tokens()
 
     def create_project(self, name: str) -> Project:
         """Create the project ``name`` in the default domain, or return it if it exists."""
         _check_name("project", name)
         with transaction(self._session_factory) as session:
-            return _get_or_create_project(session, name)
+            project = _get_or_create_project(session, name)
+        self.forget_validated_tokens()
+        return project
 
     def create_user(self, name: str, password: str, project: str, roles: list[str]) -> User:
         """Create user ``name`` with ``roles`` on ``project`` (a name or id).
@@ -304,7 +338,9 @@ class IdentityService:
             have = {a.role_id for a in existing}
             for role_id in wanted - have:
                 session.add(RoleAssignment(user_id=user.id, project_id=target.id, role_id=role_id))
-            return user
+        # After the commit: a validation that read the roles before it cannot cache them now.
+        self.forget_validated_tokens()
+        return user
 
     def bootstrap(self, admin_password: str, demo_password: str) -> None:
         """Create the admin project and user (role ``admin``) and the demo project and user

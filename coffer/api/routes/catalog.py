@@ -17,6 +17,7 @@ from coffer.api.audit import AuditedRoute
 from coffer.api.context import RequestContext, ServicesDep
 from coffer.api.pagination import page_request, paginate
 from coffer.api.policy import authorize
+from coffer.api.responses import JSONBody
 from coffer.db.models import DatastoreVersion
 from coffer.db.session import transaction
 
@@ -71,10 +72,11 @@ def _version_id(version: DatastoreVersion) -> str:
 @router.get("/flavors", summary="List flavors")
 def list_flavors(
     ctx: Annotated[RequestContext, Depends(authorize("flavor:index"))], services: ServicesDep
-) -> dict[str, Any]:
-    with transaction(services.session_factory) as session:
+) -> JSONBody:
+    # Reads only: a plain session, so a busy list never queues for the control DB's write lock.
+    with services.session_factory() as session:
         flavors = catalog.list_flavors(session)
-        return {"flavors": [catalog.flavor_view(f, ctx.project_url) for f in flavors]}
+        return JSONBody({"flavors": [catalog.flavor_view(f, ctx.project_url) for f in flavors]})
 
 
 @router.get("/flavors/{flavor_id}", summary="Show a flavor (by id)")
@@ -83,7 +85,7 @@ def show_flavor(
     ctx: Annotated[RequestContext, Depends(authorize("flavor:show"))],
     services: ServicesDep,
 ) -> dict[str, Any]:
-    with transaction(services.session_factory) as session:
+    with services.session_factory() as session:
         flavor = catalog.find_flavor(session, flavor_id)
         return {"flavor": catalog.flavor_view(flavor, ctx.project_url)}
 

@@ -4,17 +4,18 @@ its guest, and paging lists."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from fastapi import Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.orm import Session
 
 from coffer.api.context import RequestContext
-from coffer.api.instance_views import instance_view
+from coffer.api.instance_views import effective_service_status, instance_view
 from coffer.controlplane import ControlPlane
 from coffer.datastores.registry import require_capability, rules_for
 from coffer.db.models import (
@@ -24,6 +25,8 @@ from coffer.db.models import (
     InstanceFault,
     ServiceStatusRow,
 )
+from coffer.db.models_backups import RUNNING_STATES, Backup
+from coffer.db.models_day2 import Configuration
 from coffer.errors import (
     BadRequest,
     CofferError,
@@ -38,7 +41,7 @@ from coffer.errors import (
     ValidationError,
 )
 from coffer.guest.datastores.base import Capability
-from coffer.status import SERVICE_READY, ServiceStatus, Task
+from coffer.status import SERVICE_READY, ServiceStatus, Task, trove_status
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +68,154 @@ def load_instance(session: Session, ctx: RequestContext, instance_id: str) -> In
     return inst
 
 
+class ViewRow(NamedTuple):
+    """An instance with everything its view needs, read in one query (``view_rows``)."""
+
+    inst: Instance
+    status: ServiceStatusRow | None
+    version: DatastoreVersion
+    datastore: Datastore
+    configuration: Configuration | None
+    #: A backup of the instance is being taken (its view then says BACKUP, as Trove's does).
+    backup_running: bool
+
+
+# Built once: a request only binds values, so it pays neither for building the statement nor
+# for compiling it (SQLAlchemy caches the compiled form by the statement's shape).
+_BACKUP_RUNNING = (
+    exists()
+    .where(
+        Backup.instance_id == Instance.id,
+        Backup.deleted.is_(False),
+        Backup.state.in_(sorted(RUNNING_STATES)),
+    )
+    .label("backup_running")
+)
+_VIEW_COLUMNS = (
+    select(Instance, ServiceStatusRow, DatastoreVersion, Datastore, Configuration, _BACKUP_RUNNING)
+    .join(DatastoreVersion, DatastoreVersion.id == Instance.datastore_version_id)
+    .join(Datastore, Datastore.id == DatastoreVersion.datastore_id)
+    .outerjoin(ServiceStatusRow, ServiceStatusRow.instance_id == Instance.id)
+    .outerjoin(Configuration, Configuration.id == Instance.configuration_id)
+)
+_VIEW_ROW = _VIEW_COLUMNS.where(Instance.id == bindparam("id"))
+_VIEW_ROWS = _VIEW_COLUMNS.where(Instance.id.in_(bindparam("ids", expanding=True)))
+_LATEST_FAULTS = (
+    select(InstanceFault)
+    .where(InstanceFault.instance_id.in_(bindparam("ids", expanding=True)))
+    .order_by(InstanceFault.instance_id, InstanceFault.created.desc(), InstanceFault.id)
+)
+
+
+def view_rows(session: Session, ids: Sequence[str]) -> list[ViewRow]:
+    """The ``ViewRow`` of each of ``ids`` that exists, in the order of ``ids``; one query."""
+    if not ids:
+        return []
+    if len(ids) == 1:  # a show: no list to expand into the statement
+        return [ViewRow(*values) for values in session.execute(_VIEW_ROW, {"id": ids[0]})]
+    found = {
+        row.inst.id: row
+        for row in (ViewRow(*values) for values in session.execute(_VIEW_ROWS, {"ids": list(ids)}))
+    }
+    return [found[i] for i in ids if i in found]
+
+
+def load_view_row(session: Session, ctx: RequestContext, instance_id: str) -> ViewRow:
+    """``load_instance`` (the same 404 for an instance the caller may not see) and, in the same
+    query, what its view needs."""
+    rows = view_rows(session, [instance_id])
+    inst = rows[0].inst if rows else None
+    if inst is None or inst.deleted or (inst.tenant_id != ctx.project_id and not ctx.auth.is_admin):
+        raise NotFound(f"Instance {instance_id} could not be found.")
+    return rows[0]
+
+
+def _latest_faults(session: Session, ids: Sequence[str]) -> dict[str, InstanceFault]:
+    """The newest fault of each of ``ids`` that has one; one query."""
+    faults: dict[str, InstanceFault] = {}
+    if ids:
+        for fault in session.scalars(_LATEST_FAULTS, {"ids": list(ids)}):
+            faults.setdefault(fault.instance_id, fault)
+    return faults
+
+
+def configuration_view(group: Configuration, project_url: str) -> dict[str, Any]:
+    """Trove's ``configuration`` of an instance detail view: ``{id, name, links}``."""
+    base = project_url.rsplit("/v1.0/", 1)[0]
+    return {
+        "id": group.id,
+        "name": group.name,
+        "links": [
+            {"rel": "self", "href": f"{project_url}/configurations/{group.id}"},
+            {"rel": "bookmark", "href": f"{base}/configurations/{group.id}"},
+        ],
+    }
+
+
+def render_view_rows(
+    request: Request,
+    ctx: RequestContext,
+    session: Session,
+    rows: Sequence[ViewRow],
+    detail: bool,
+) -> list[dict[str, Any]]:
+    """The views of ``rows``, in order. ``status`` is BACKUP while a backup of an instance
+    with no task runs (Trove's rule: after task states, before the server's). Detail views
+    carry the attached configuration group (``{id, name, links}``) and, for instances in ERROR,
+    their latest fault, which costs one more query for the whole set and only when some
+    instance is in ERROR."""
+    cp = control_plane(request)
+    base = base_url(request)
+    expiry = cp.settings.default.agent_heartbeat_expiry
+    admin = ctx.auth.is_admin
+    faults: dict[str, InstanceFault] = {}
+    if detail:
+        failed = [
+            row.inst.id
+            for row in rows
+            if row.inst.task.is_error
+            or trove_status(
+                row.inst.task,
+                row.inst.server_status,
+                effective_service_status(row.inst, row.status, expiry),
+            )
+            == "ERROR"
+        ]
+        faults = _latest_faults(session, failed)
+    views = []
+    for row in rows:
+        view = instance_view(
+            row.inst,
+            version=row.version,
+            datastore=row.datastore,
+            status_row=row.status,
+            fault=faults.get(row.inst.id),
+            base=base,
+            heartbeat_expiry=expiry,
+            detail=detail,
+            admin=admin,
+        )
+        if row.backup_running and row.inst.task is Task.NONE:
+            view["status"] = "BACKUP"
+        if detail and row.configuration is not None:
+            view["configuration"] = configuration_view(row.configuration, ctx.project_url)
+        views.append(view)
+    return views
+
+
+def render_instances(
+    request: Request,
+    ctx: RequestContext,
+    session: Session,
+    instances: Sequence[Instance],
+    detail: bool,
+) -> list[dict[str, Any]]:
+    """The views of ``instances`` (see ``render_view_rows``), their relations read in one
+    query whatever their number."""
+    rows = view_rows(session, [inst.id for inst in instances])
+    return render_view_rows(request, ctx, session, rows, detail)
+
+
 def render_instance(
     request: Request,
     ctx: RequestContext,
@@ -72,30 +223,8 @@ def render_instance(
     inst: Instance,
     detail: bool,
 ) -> dict[str, Any]:
-    cp = control_plane(request)
-    version = session.get(DatastoreVersion, inst.datastore_version_id)
-    assert version is not None
-    datastore = session.get(Datastore, version.datastore_id)
-    assert datastore is not None
-    fault = None
-    if detail:
-        fault = session.scalars(
-            select(InstanceFault)
-            .where(InstanceFault.instance_id == inst.id)
-            .order_by(InstanceFault.created.desc())
-            .limit(1)
-        ).first()
-    return instance_view(
-        inst,
-        version=version,
-        datastore=datastore,
-        status_row=session.get(ServiceStatusRow, inst.id),
-        fault=fault,
-        base=base_url(request),
-        heartbeat_expiry=cp.settings.default.agent_heartbeat_expiry,
-        detail=detail,
-        admin=ctx.auth.is_admin,
-    )
+    """The view of one instance (see ``render_view_rows``)."""
+    return render_instances(request, ctx, session, [inst], detail)[0]
 
 
 def wake_taskmanager(cp: ControlPlane, op_id: str) -> None:

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from coffer import quotas
@@ -28,22 +28,27 @@ from coffer.api.instance_schemas import (
     InstanceUpdateBody,
 )
 from coffer.api.policy import authorize, enforce
+from coffer.api.responses import JSONBody
 from coffer.api.routes import quotas as quota_routes
 from coffer.api.routes.backups import (
     fail_running_backups,
     restore_plan,
     restore_version,
-    show_running_backups,
 )
 from coffer.api.routes.instance_support import (
     control_plane,
     load_instance,
+    load_view_row,
     page_size,
     paginated,
     render_instance,
+    render_view_rows,
+    view_rows,
     wake_taskmanager,
 )
 from coffer.catalog import find_flavor, resolve_datastore_version
+from coffer.configuration import groups
+from coffer.configuration.values import validate_values
 from coffer.controlplane import ControlPlane
 from coffer.datastores.registry import require_capability, rules_for, serving_engine
 from coffer.db.models import (
@@ -70,7 +75,6 @@ LOG = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1.0/{tenant_id}", tags=["instances"], route_class=AuditedRoute)
 
 NOT_YET = {
-    "configuration": "configuration groups",
     "replica_of": "replication",
     "replica_count": "replication",
     "modules": "modules",
@@ -81,34 +85,47 @@ NOT_YET = {
 # --- instances ---------------------------------------------------------------------------------
 
 
+# A page is two queries: the ids of the page (narrow, so sorting the project's instances is
+# cheap), then those instances with everything their views need (``view_rows``). Both are built
+# once; a request only binds values.
+_PAGE_IDS = (
+    select(Instance.id)
+    # ix_instances_page (tenant_id, deleted, created, id) serves the filter and the order: a
+    # page costs O(the page), not O(the project's instances).
+    .where(Instance.tenant_id == bindparam("tenant"), Instance.deleted.is_(False))
+    .order_by(Instance.created.desc(), Instance.id.desc())
+    .limit(bindparam("limit"))
+)
+_PAGE_IDS_AFTER = _PAGE_IDS.where(
+    or_(
+        Instance.created < bindparam("created"),
+        and_(Instance.created == bindparam("created"), Instance.id < bindparam("after")),
+    )
+)
+
+
 def _list(
     request: Request, ctx: RequestContext, limit: int | None, marker: str | None, detail: bool
 ) -> dict[str, Any]:
-    """One page, newest first, keyed on (created, id) so paging costs one indexed query."""
+    """One page, newest first, keyed on (created, id); a constant number of queries whatever
+    the page size."""
     cp = control_plane(request)
     page = page_size(request, limit, cp.settings.default.instances_page_size)
+    params: dict[str, Any] = {"tenant": ctx.project_id, "limit": page + 1}
     with cp.session_factory() as session:
-        query = select(Instance).where(
-            Instance.deleted.is_(False), Instance.tenant_id == ctx.project_id
-        )
+        statement = _PAGE_IDS
         if marker:
             after = session.get(Instance, marker)
             if after is None or after.deleted or after.tenant_id != ctx.project_id:
                 raise BadRequest(f"Marker {marker} does not name an instance in this list.")
-            query = query.where(
-                or_(
-                    Instance.created < after.created,
-                    and_(Instance.created == after.created, Instance.id > after.id),
-                )
-            )
-        rows = list(
-            session.scalars(query.order_by(Instance.created.desc(), Instance.id).limit(page + 1))
-        )
-        more = len(rows) > page
-        rows = rows[:page]
-        items = [render_instance(request, ctx, session, r, detail) for r in rows]
-        show_running_backups(session, list(zip(rows, items, strict=True)))
-    return paginated(request, items, rows[-1].id if more and rows else None, "instances", page)
+            statement = _PAGE_IDS_AFTER
+            params.update(created=after.created, after=after.id)
+        ids = list(session.scalars(statement, params))
+        more = len(ids) > page
+        rows = view_rows(session, ids[:page])
+        items = render_view_rows(request, ctx, session, rows, detail)
+    next_marker = rows[-1].inst.id if more and rows else None
+    return paginated(request, items, next_marker, "instances", page)
 
 
 @router.get("/instances")
@@ -118,8 +135,8 @@ def list_instances(
     limit: int | None = Query(None),
     marker: str | None = Query(None),
     include_clustered: str | None = Query(None),
-) -> dict[str, Any]:
-    return _list(request, ctx, limit, marker, detail=False)
+) -> JSONBody:
+    return JSONBody(_list(request, ctx, limit, marker, detail=False))
 
 
 @router.get("/instances/detail")
@@ -128,8 +145,8 @@ def list_instances_detail(
     ctx: Annotated[RequestContext, Depends(authorize("instance:detail"))],
     limit: int | None = Query(None),
     marker: str | None = Query(None),
-) -> dict[str, Any]:
-    return _list(request, ctx, limit, marker, detail=True)
+) -> JSONBody:
+    return JSONBody(_list(request, ctx, limit, marker, detail=True))
 
 
 @router.get("/instances/{instance_id}")
@@ -137,16 +154,12 @@ def show_instance(
     request: Request,
     instance_id: str,
     ctx: Annotated[RequestContext, Depends(authorize("instance:show"))],
-) -> dict[str, Any]:
+) -> JSONBody:
     cp = control_plane(request)
     with cp.session_factory() as session:
-        inst = load_instance(session, ctx, instance_id)
-        view = render_instance(request, ctx, session, inst, detail=True)
-        show_running_backups(session, [(inst, view)])
-        configuration = day2_requests.configuration_ref(session, inst, ctx.project_url)
-        if configuration is not None:
-            view["configuration"] = configuration
-        return {"instance": view}
+        row = load_view_row(session, ctx, instance_id)
+        (view,) = render_view_rows(request, ctx, session, [row], detail=True)
+    return JSONBody({"instance": view})
 
 
 @router.get("/instances/{instance_id}/events")
@@ -225,6 +238,27 @@ def _validate_create(
     return version, flavor, size
 
 
+def _create_configuration(
+    session: Session, ctx: RequestContext, version: DatastoreVersion, group_id: str
+) -> str:
+    """The group an instance is created with: the caller's (404 otherwise), for the instance's
+    datastore version (400), with values its rules still take (422). Locked, so it cannot be
+    deleted before the instance that holds it is recorded."""
+    group = groups.lock_group(session, groups.Owner(ctx.project_id, ctx.auth.is_admin), group_id)
+    if group.tenant_id != ctx.project_id:
+        raise day2_requests.ConfigurationMismatch(
+            f"Configuration group {group.id} belongs to another project; create the instance "
+            "with a group of its own project."
+        )
+    if group.datastore_version_id != version.id:
+        raise day2_requests.ConfigurationMismatch(
+            f"Configuration group {group.id} is for another datastore version than the "
+            f"instance ({version.name}); create a group for that version."
+        )
+    validate_values(session, version.id, groups.group_values(session, group.id))
+    return group.id
+
+
 @router.post("/instances")
 def create_instance(
     request: Request,
@@ -240,6 +274,9 @@ def create_instance(
         enforce(request, ctx, "instance:extension:user:create")
     with transaction(cp.session_factory) as session:
         version, flavor, size = _validate_create(cp, session, body)
+        configuration_id = None
+        if spec.configuration is not None:
+            configuration_id = _create_configuration(session, ctx, version, spec.configuration)
         restore = None
         if spec.restorePoint is not None:
             restore = restore_plan(cp, session, ctx, spec.restorePoint, version, size)
@@ -255,6 +292,7 @@ def create_instance(
             access=spec.access.model_dump() if spec.access else {"is_public": False},
             region_id=cp.settings.default.region_name,
             encrypted_key="",
+            configuration_id=configuration_id,
         )
         session.add(inst)
         session.flush()
@@ -286,6 +324,8 @@ def create_instance(
         )
         op_id = op.id
         view = render_instance(request, ctx, session, inst, detail=True)
+        if configuration_id is not None and "configuration" not in view:
+            view["configuration"] = day2_requests.configuration_ref(session, inst, ctx.project_url)
     note_target(request, instance_id=inst.id)
     wake_taskmanager(cp, op_id)
     return {"instance": view}
