@@ -17,10 +17,12 @@ import contextlib
 import inspect
 import logging
 import re
+import socket
 import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -56,6 +58,10 @@ CONTENT_TYPE = "application/x-coffer-sealed"
 REPLY_PREFIX = "reply."
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,200}$")
 _POLL_SECONDS = 0.25
+#: How long an idle consumer blocks in one wait on a broker it can be woken from (RabbitMQ,
+#: Redis): a blocking BRPOP or socket read, not a poll, so a hundred idle guest agents cost
+#: next to no CPU. Stopping does not wait for it: ``_wake_consumers`` cuts the wait short.
+IDLE_WAIT_SECONDS = 30.0
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
 _PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
@@ -97,6 +103,76 @@ def _describe(exc: BaseException, url: str) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _Waiting:
+    """The connection one consume loop blocks on, so another thread can wake it to stop.
+
+    ``busy`` is set while a message is handled: that connection is never cut, so the handler
+    finishes and its message is acknowledged before the loop sees the stop.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: kombu.Connection | None = None
+        self.busy = False
+
+
+_waiting_lock = threading.Lock()
+_waiting: weakref.WeakKeyDictionary[threading.Event, set[_Waiting]] = weakref.WeakKeyDictionary()
+
+
+def _interruptible(conn: kombu.Connection) -> bool:
+    """True for transports whose blocking wait ``_wake_consumers`` can cut short."""
+    return str(conn.transport.driver_type) in ("amqp", "redis")
+
+
+def _blocking_sockets(conn: kombu.Connection) -> list[socket.socket]:
+    """The sockets a consumer of ``conn`` may be blocked reading: the AMQP connection's, or
+    each Redis channel's connection with a BRPOP in flight. Empty if kombu's internals differ
+    (then the loop simply ends at its next timeout)."""
+    found: list[socket.socket] = []
+    if not conn.connected:
+        return found
+    if str(conn.transport.driver_type) == "amqp":
+        sock = getattr(conn.connection, "sock", None)
+        if isinstance(sock, socket.socket):
+            found.append(sock)
+        return found
+    for channel in list(getattr(conn.transport, "channels", None) or ()):
+        sock = getattr(getattr(channel, "_in_poll", None), "_sock", None)
+        if isinstance(sock, socket.socket):
+            found.append(sock)
+    return found
+
+
+def _wake_consumers(stop: threading.Event) -> None:
+    """Set ``stop`` and wake every consume loop waiting under it that is not handling a
+    message, by shutting its socket down (never closing it: the loop's own thread does that).
+    A message the broker hands out at that very moment is lost, as when the process dies."""
+    stop.set()
+    with _waiting_lock:
+        waiters = list(_waiting.get(stop, ()))
+    for waiter in waiters:
+        with waiter.lock:
+            if waiter.busy or waiter.conn is None:
+                continue
+            for sock in _blocking_sockets(waiter.conn):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _stop_and_join(stop: threading.Event, thread: threading.Thread, timeout: float) -> None:
+    """Stop the consume loops under ``stop`` and wait up to ``timeout`` s for ``thread`` to end.
+    Wakes them again while waiting: a loop between its check of ``stop`` and its next blocking
+    wait has nothing to cut yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _wake_consumers(stop)
+        remaining = deadline - time.monotonic()
+        thread.join(max(0.0, min(0.05, remaining)))
+        if not thread.is_alive() or remaining <= 0:
+            return
+
+
 class _Session:
     """One live connection of a consume loop, with a lazily created producer on it."""
 
@@ -126,13 +202,54 @@ def _consume_loop(
     Reconnects with exponential backoff (0.1 s to 5 s) after any connection or channel error and
     re-declares the queue, so a broker restart only pauses consumption. ``on_message`` runs in
     this thread; an exception escaping it is treated like a connection error.
+
+    While idle it blocks on the broker for up to ``IDLE_WAIT_SECONDS`` at a time (RabbitMQ,
+    Redis; other transports poll every ``_POLL_SECONDS``); ``_wake_consumers(stop)`` ends the
+    wait at once.
     """
+    waiter = _Waiting()
+    with _waiting_lock:
+        _waiting.setdefault(stop, set()).add(waiter)
+
+    def handle(message: kombu.Message, session: _Session) -> None:
+        with waiter.lock:
+            waiter.busy = True
+        try:
+            on_message(message, session)
+        finally:
+            with waiter.lock:
+                waiter.busy = False
+
+    try:
+        _consume(url, queue, handle, stop, name, waiter, no_ack=no_ack, on_ready=on_ready)
+    finally:
+        with _waiting_lock:
+            _waiting.get(stop, set()).discard(waiter)
+
+
+def _consume(
+    url: str,
+    queue: kombu.Queue,
+    on_message: Callable[[kombu.Message, _Session], None],
+    stop: threading.Event,
+    name: str,
+    waiter: _Waiting,
+    *,
+    no_ack: bool,
+    on_ready: Callable[[], None] | None,
+) -> None:
     backoff = _BACKOFF_MIN
     lost = False
     while not stop.is_set():
         conn = connection(url)
+        wait = IDLE_WAIT_SECONDS if _interruptible(conn) else _POLL_SECONDS
+        if str(conn.transport.driver_type) == "redis":
+            # The BRPOP itself blocks as long: no round trip to the broker while idle.
+            conn.transport.brpop_timeout = wait
         try:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+            with waiter.lock:
+                waiter.conn = conn
             session = _Session(conn)
             consumer = kombu.Consumer(
                 conn.channel(),
@@ -150,7 +267,7 @@ def _consume_loop(
                 on_ready()
             while not stop.is_set():
                 try:
-                    conn.drain_events(timeout=_POLL_SECONDS)
+                    conn.drain_events(timeout=wait)
                 except TimeoutError:  # socket.timeout: nothing arrived
                     continue
         except Exception as exc:  # the loop must survive anything; the broker may come back
@@ -172,6 +289,8 @@ def _consume_loop(
             stop.wait(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
         finally:
+            with waiter.lock:
+                waiter.conn = None
             with contextlib.suppress(Exception):
                 conn.release()
 
@@ -282,10 +401,11 @@ class RpcClient:
     def close(self) -> None:
         """Stop the reply listener, close connections and fail calls still waiting; idempotent."""
         self._closed = True
-        self._stop.set()
         listener = self._listener
         if listener is not None:
-            listener.join(timeout=5)
+            _stop_and_join(self._stop, listener, 5)
+        else:
+            self._stop.set()
         with self._publish_lock:
             self._reset_publisher()
         with self._pending_lock:
@@ -476,9 +596,10 @@ class RpcServer:
 
         A handler already running is allowed to finish; its message is then acknowledged.
         """
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            self._stop.set()
+        else:
+            _stop_and_join(self._stop, self._thread, timeout)
             if self._thread.is_alive():
                 log.warning("RPC server for %s did not stop within %g s", self.target, timeout)
             else:
@@ -501,9 +622,8 @@ class RpcServer:
         try:
             self._worker(stop_event, 0)
         finally:
-            stop_event.set()
             for thread in helpers:
-                thread.join()
+                _stop_and_join(stop_event, thread, float("inf"))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -27,9 +27,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import kombu
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from coffer.errors import BusError, ValidationError
 
@@ -282,6 +279,12 @@ class EmbeddedBroker:
         return pid
 
     def _answers(self, pid: int) -> bool:
+        # Imported here: only the process that runs the broker needs it, and a guest agent on
+        # RabbitMQ should not carry redis-py.
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         client = redis.Redis(
             unix_socket_path=str(self.socket_path),
             password=self._password(),
