@@ -69,8 +69,10 @@ from coffer.errors import (
     UserNotFound,
     ValidationError,
 )
+from coffer.guest.backup.archive import binlog_dir, mariadb_binlog_settings
 from coffer.guest.backup.base import EngineAccess
 from coffer.guest.backup.mariadb import MariaDBBackup
+from coffer.guest.config.logs import LogSource, read_switches
 from coffer.guest.config.mariadb import MariaDBOverrides
 from coffer.guest.datastores.base import (
     Capability,
@@ -104,6 +106,9 @@ _VERSION = re.compile(r"Ver\s+(\d+\.\d+\.\d+)")
 # Client errors that mean "the server is not there", as opposed to "it refused".
 _CONNECTION_ERRORS = frozenset({2002, 2003, 2006, 2013})
 _ACCESS_DENIED = 1045
+#: Run first in every session of the agent's: nothing it sends reaches the general log, and no
+#: statement of it is slow enough for the slow query log (the longest time MariaDB takes).
+_UNLOGGED_SESSION = "SET SESSION sql_log_off = 1, SESSION long_query_time = 31536000"
 
 
 #: How often to try the socket while mariadbd starts; a start takes 0.1-0.2 s, so a coarse
@@ -195,7 +200,13 @@ class MariaDBDatastore(Datastore):
 
     manager: ClassVar[str] = "mariadb"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DATABASES, Capability.USERS, Capability.ROOT, Capability.BACKUP}
+        {
+            Capability.DATABASES,
+            Capability.USERS,
+            Capability.ROOT,
+            Capability.BACKUP,
+            Capability.LOGS,
+        }
     )
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -213,6 +224,8 @@ class MariaDBDatastore(Datastore):
         self.socket = layout.run_dir / "mysqld.sock"
         self.pidfile = layout.run_dir / "mariadbd.pid"
         self.error_log = layout.log_dir / "error.log"
+        self.general_log = layout.log_dir / "general.log"
+        self.slow_query_log = layout.log_dir / "slow_query.log"
         self.password_file = layout.secrets_dir / "os_admin.password"
         self._init_file = layout.secrets_dir / "init.sql"
         if len(str(self.socket.resolve())) > _MAX_SOCKET_PATH:
@@ -288,6 +301,9 @@ class MariaDBDatastore(Datastore):
             "table-open-cache": "400",
             "thread-cache-size": "8",
             **memory_settings(spec.memory_mb, spec.vcpus),
+            **{name: str(value) for name, value in self.log_variables().items()},
+            # A row-based binary log, archived for point-in-time restores (backup/archive.py).
+            **mariadb_binlog_settings(layout),
         }
         lines = ["# Written by Coffer at every start; edits here are lost.", "[mariadbd]"]
         lines += [f"{key} = {value}" for key, value in settings.items()]
@@ -296,7 +312,11 @@ class MariaDBDatastore(Datastore):
         return "\n".join(lines) + "\n"
 
     def _write_config(self) -> None:
-        for directory in (self.layout.run_dir / "tmp", self.layout.run_dir / "files"):
+        for directory in (
+            self.layout.run_dir / "tmp",
+            self.layout.run_dir / "files",
+            binlog_dir(self.layout),
+        ):
             directory.mkdir(mode=0o750, exist_ok=True)
             chown_to(directory, self._owner)
         write_private_file(self.config_file, self.render_config(), self._owner, mode=0o640)
@@ -393,7 +413,8 @@ class MariaDBDatastore(Datastore):
             template = store.get_or_build(
                 self.manager, version, template_variant(), self._build_template
             )
-            store.copy_into(template, self.layout.data_dir)
+            if not store.take_spare(template, self.layout.data_dir):
+                store.copy_into(template, self.layout.data_dir)
         except TemplateError as exc:
             LOG.warning("initialising without a template: %s", exc.message)
             return False
@@ -457,6 +478,8 @@ class MariaDBDatastore(Datastore):
                 self._wait_ready(deadline)
                 if not self._process.is_child(running):
                     LOG.info("adopted the running mariadbd (pid %s)", running)
+                if self.backups.restore_pending():
+                    self.backups.finish_restore()
                 return
             if not self.is_initialized():
                 raise EngineError(
@@ -481,6 +504,9 @@ class MariaDBDatastore(Datastore):
                 )
                 self._wait_ready(deadline)
                 ready = True
+                if self.backups.restore_pending():
+                    # A point-in-time restore: replay its binary logs before it is ready.
+                    self.backups.finish_restore()
                 LOG.info(
                     "mariadbd started (pid %s), listening on %s port %s",
                     self._process.pid(),
@@ -496,6 +522,7 @@ class MariaDBDatastore(Datastore):
         account = f"'{ADMIN_USER}'@'{ADMIN_HOST}'"
         secret = escape_string(password)
         sql = (
+            f"{_UNLOGGED_SESSION};\n"
             f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{secret}';\n"
             f"ALTER USER {account} IDENTIFIED BY '{secret}';\n"
             f"GRANT ALL PRIVILEGES ON *.* TO {account} WITH GRANT OPTION;\n"
@@ -579,6 +606,37 @@ class MariaDBDatastore(Datastore):
     def status(self) -> ServiceStatus:
         return engine_status(self._process, self._answers)
 
+    # -- guest logs (coffer.guest.logs) ------------------------------------------------------
+
+    def log_sources(self) -> dict[str, LogSource]:
+        """The files the engine's logs (``coffer.guest.config.logs``) are written to."""
+        return {
+            "error": LogSource(self.error_log),
+            "general": LogSource(self.general_log),
+            "slow_query": LogSource(self.slow_query_log),
+        }
+
+    def log_variables(self) -> dict[str, str | float]:
+        """The server variables ``etc/logs.json`` asks for: the general and slow query logs on
+        or off, in ``log/``. Statement text in them has passwords masked (``log_raw`` is off)."""
+        switches = read_switches(self.layout)
+        return {
+            "general_log_file": str(self.general_log),
+            "general_log": "ON" if switches.is_on("general") else "OFF",
+            "slow_query_log_file": str(self.slow_query_log),
+            "slow_query_log": "ON" if switches.is_on("slow_query") else "OFF",
+            "long_query_time": switches.long_query_ms / 1000,
+        }
+
+    def apply_log_switches(self) -> set[str]:
+        """Make the running server follow ``etc/logs.json`` (every switch is live: ``SET
+        GLOBAL``); returns the logs that wait for a restart, none here."""
+        with self._admin() as cur:
+            # Names are the fixed ones above; values go as parameters.
+            for name, value in self.log_variables().items():
+                cur.execute(f"SET GLOBAL {name} = %s", (value,))
+        return set()
+
     # -- connection and errors ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -593,6 +651,9 @@ class MariaDBDatastore(Datastore):
                 charset="utf8mb4",
                 autocommit=True,
                 connect_timeout=connect_timeout,
+                # The agent's statements carry passwords, which MariaDB's general log does not
+                # mask in CREATE USER: keep them out of the general and slow query logs.
+                init_command=_UNLOGGED_SESSION,
             )
         except pymysql.MySQLError as exc:
             raise EngineUnavailable(

@@ -25,6 +25,17 @@ one through a single-user-mode ``ALTER ROLE`` fed on stdin. Tenant and root pass
 into SCRAM verifiers by libpq on the agent's side, so no statement the server sees (or could log)
 holds a clear-text password, and the agent's own sessions switch statement logging off.
 
+**Templates.** With ``spec.template_dir`` set, ``prepare`` copies a template
+(``coffer.guest.datastores.template``) built once per PostgreSQL version and initdb flags
+(``template_variant``) instead of running initdb. The template is initdb's output minus what a
+copy must not share: no configuration files (Coffer writes its own into ``etc/``), no write-ahead
+log, and an ``os_admin`` password verifier for a throwaway password that was never stored. Each
+copy gets a new system identifier and mock-authentication nonce in ``global/pg_control``
+(``pg_control.renew_identity``), a write-ahead log of its own from ``pg_resetwal``, and a fresh
+admin password at its first start, so no two instances (and no instance and the template)
+share an identity or a credential. Nothing else initdb writes is instance-specific: the
+catalogs hold only built-in objects, and no path or host name is recorded.
+
 A caveat for operators: root is a real PostgreSQL superuser, and a superuser can read files and
 run programs as the engine's OS user (``COPY ... PROGRAM``, ``pg_read_file``). Where several
 instances share that OS user, an instance's root can reach the others' files; give each instance
@@ -34,7 +45,9 @@ its own OS user (or container) before offering root to tenants who must not see 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -60,9 +73,12 @@ from coffer.errors import (
     UserNotFound,
     ValidationError,
 )
+from coffer.guest.backup.archive import pg_archive_script, pg_archive_settings, script_path
 from coffer.guest.backup.base import EngineAccess
 from coffer.guest.backup.postgresql import PostgreSQLBackup
+from coffer.guest.config.logs import LogSource, read_switches
 from coffer.guest.config.postgresql import PostgreSQLOverrides
+from coffer.guest.datastores import pg_control
 from coffer.guest.datastores.base import (
     Capability,
     Datastore,
@@ -81,6 +97,7 @@ from coffer.guest.datastores.process import (
     os_user_name,
     resolve_run_as,
 )
+from coffer.guest.datastores.template import TemplateError, TemplateStore
 from coffer.guest.layout import chown_to, write_private_file
 from coffer.status import ServiceStatus
 
@@ -91,6 +108,10 @@ _MAX_SOCKET_PATH = 107
 # Characters that would need quoting in postgresql.conf or split a list setting.
 _UNSAFE_PATH = re.compile(r"[\s#'\"\\;=,]")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+(?:\.\d+)*)")
+#: ``postgres --version`` takes tens of ms (a process start), once per create: cached per
+#: binary (path, inode, mtime, size), so an upgraded binary is asked again and never paired
+#: with an older version's template. The zygote fills it once for all its forks.
+_VERSIONS: dict[tuple[str, int, int, int], str] = {}
 _GENERATED_PASSWORD = re.compile(r"[A-Za-z0-9_-]+")
 # The agent's sessions never log statement text: DDL carries password verifiers.
 _ADMIN_OPTIONS = (
@@ -101,6 +122,26 @@ _ADMIN_OPTIONS = (
 # one refuses to start with this message, which is worth waiting out.
 _SHARED_MEMORY_IN_USE = "pre-existing shared memory block"
 _AUTH_FAILED = frozenset({"28P01", "28000"})
+#: What every initdb run is given besides its directory, user and password file. A template is
+#: keyed by them (see ``template_variant``): changing one gives templates a new variant.
+_INITDB_FLAGS = (
+    f"--username={ADMIN_USER}",
+    "--auth=scram-sha-256",
+    "--encoding=UTF8",
+    "--locale=C.UTF-8",
+    "--no-instructions",
+)
+#: Bumped when how templates are built changes in a way the flags above do not show.
+_TEMPLATE_RECIPE = 1
+#: initdb's own configuration files: Coffer writes its own into etc/ at every start.
+_INITDB_CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf")
+
+
+def template_variant() -> str:
+    """The template variant for the current initdb flags (12 hex digits)."""
+    recipe = {"recipe": _TEMPLATE_RECIPE, "flags": list(_INITDB_FLAGS)}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return digest[:12]
 
 
 def bin_dir() -> Path | None:
@@ -198,7 +239,13 @@ class PostgreSQLDatastore(Datastore):
 
     manager: ClassVar[str] = "postgresql"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DATABASES, Capability.USERS, Capability.ROOT, Capability.BACKUP}
+        {
+            Capability.DATABASES,
+            Capability.USERS,
+            Capability.ROOT,
+            Capability.BACKUP,
+            Capability.LOGS,
+        }
     )
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -250,9 +297,17 @@ class PostgreSQLDatastore(Datastore):
         directory = bin_dir()
         if directory is None:
             return None
+        binary = str(directory / "postgres")
+        try:
+            info = os.stat(binary)
+        except OSError:
+            return None
+        key = (binary, info.st_ino, info.st_mtime_ns, info.st_size)
+        if key in _VERSIONS:
+            return _VERSIONS[key]
         try:
             result = subprocess.run(
-                [str(directory / "postgres"), "--version"],
+                [binary, "--version"],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -261,7 +316,10 @@ class PostgreSQLDatastore(Datastore):
         except (OSError, subprocess.SubprocessError):
             return None
         match = _VERSION.search(result.stdout)
-        return match.group(1) if match else None
+        if match is None:
+            return None
+        _VERSIONS[key] = match.group(1)
+        return match.group(1)
 
     def _binary(self, name: str) -> str:
         directory = bin_dir()
@@ -311,6 +369,7 @@ class PostgreSQLDatastore(Datastore):
             "logging_collector": "off",
             "log_destination": "stderr",
             "log_line_prefix": "%m [%p] %q%u@%d ",
+            **self.log_settings(),
             "log_timezone": "UTC",
             "timezone": "UTC",
             "lc_messages": "C",
@@ -319,6 +378,8 @@ class PostgreSQLDatastore(Datastore):
             "lc_time": "C",
             "datestyle": "iso, mdy",
             "default_text_search_config": "pg_catalog.english",
+            # Completed WAL files go to a spool the agent's archiver uploads (backup/archive.py).
+            **pg_archive_settings(layout),
         }
         lines = ["# Written by Coffer at every start; edits here are lost."]
         lines += [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
@@ -334,6 +395,7 @@ class PostgreSQLDatastore(Datastore):
             self.config_file: self.render_config(),
             self.hba_file: self.render_hba(),
             self.ident_file: "# Written by Coffer: no ident maps.\n",
+            script_path(self.layout): pg_archive_script(self.layout),
         }
         changed = False
         for path, content in wanted.items():
@@ -380,35 +442,17 @@ class PostgreSQLDatastore(Datastore):
 
         ``PG_VERSION`` is moved last, so an interrupted move is seen as "not initialised" and is
         redone; an interrupted initdb leaves only the staging directory behind. A data directory
-        copied from a template could be installed the same way (``_install_data_dir``).
+        copied from a template is installed the same way (``_copy_template``).
         """
         data_dir = self.layout.data_dir
-        leftovers = [p.name for p in data_dir.iterdir()]
-        if leftovers:
-            raise EngineError(
-                f"The data directory {data_dir} holds files ({', '.join(sorted(leftovers)[:5])}) "
-                "but no cluster; Coffer will not initialise over them. Empty it or restore a "
-                "complete data directory."
-            )
+        self._require_empty_data_dir()
         initdb = self._binary("initdb")
-        staging = self.layout.root / ".data-init"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        chown_to(staging, self._owner)
+        staging = self._new_staging()
         password = self._admin_password(create=True)
         write_private_file(self._pwfile, password + "\n", self._owner)
         try:
             self._run_as_engine(
-                [
-                    initdb,
-                    f"--pgdata={staging}",
-                    f"--username={ADMIN_USER}",
-                    f"--pwfile={self._pwfile}",
-                    "--auth=scram-sha-256",
-                    "--encoding=UTF8",
-                    "--locale=C.UTF-8",
-                    "--no-instructions",
-                ],
+                [initdb, f"--pgdata={staging}", f"--pwfile={self._pwfile}", *_INITDB_FLAGS],
                 "initdb",
             )
         except EngineError:
@@ -419,9 +463,102 @@ class PostgreSQLDatastore(Datastore):
         self._install_data_dir(staging)
         LOG.info("initialised PostgreSQL data directory %s", data_dir)
 
+    def _require_empty_data_dir(self) -> None:
+        data_dir = self.layout.data_dir
+        leftovers = [p.name for p in data_dir.iterdir()]
+        if leftovers:
+            raise EngineError(
+                f"The data directory {data_dir} holds files ({', '.join(sorted(leftovers)[:5])}) "
+                "but no cluster; Coffer will not initialise over them. Empty it or restore a "
+                "complete data directory."
+            )
+
+    def _new_staging(self) -> Path:
+        """An empty ``.data-init`` beside ``data/`` (owned by the engine user, 0700)."""
+        staging = self.layout.root / ".data-init"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        chown_to(staging, self._owner)
+        return staging
+
+    # -- templates ----------------------------------------------------------------------------
+
+    def _template_store(self) -> TemplateStore | None:
+        directory = self.spec.template_dir
+        if directory is None:
+            return None
+        if not directory.is_absolute():
+            LOG.warning("ignoring the template directory %s: it is not an absolute path", directory)
+            return None
+        return TemplateStore(directory, owner=self._owner)
+
+    def _copy_template(self) -> bool:
+        """Fill the empty data directory from the host's template (built first if there is
+        none), with an identity of its own. False when there is no usable store or the copy
+        failed: the caller then runs initdb itself. EngineError from building (initdb failing)
+        propagates: initdb by hand would fail the same way.
+
+        The copy goes to ``.data-init``, gets a new system identifier and nonce
+        (``pg_control.renew_identity``) and a write-ahead log of its own (``pg_resetwal``),
+        and only then moves into ``data/`` with ``PG_VERSION`` last, so an interrupted copy is
+        redone from the start. The admin password file is removed first: the copy's
+        ``os_admin`` gets its own password at its first start (``_reset_admin_password``).
+        """
+        store = self._template_store()
+        version = self.detect_version()
+        if store is None or version is None:
+            return False
+        self._require_empty_data_dir()
+        staging = self._new_staging()
+        try:
+            template = store.get_or_build(
+                self.manager, version, template_variant(), self._build_template
+            )
+            if not store.take_spare(template, staging):
+                store.copy_into(template, staging)
+        except TemplateError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            LOG.warning("initialising without a template: %s", exc.message)
+            return False
+        try:
+            pg_control.renew_identity(staging)
+            self._run_as_engine(
+                [self._binary("pg_resetwal"), "-D", str(staging)], "Resetting the copied WAL"
+            )
+        except EngineError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        # Whatever password an earlier, interrupted initialisation stored is not this copy's.
+        self.password_file.unlink(missing_ok=True)
+        self._install_data_dir(staging)
+        LOG.info("data directory %s copied from template %s", self.layout.data_dir, template.name)
+        return True
+
+    def _build_template(self, tree: Path, scratch: Path) -> None:
+        """initdb into ``tree`` with the instances' own flags and a throwaway admin password
+        that is never stored (so the template's password verifier opens nothing), then drop
+        what each copy makes its own: initdb's configuration files and the write-ahead log
+        (every copy writes a new one with its own system identifier)."""
+        pwfile = scratch / "initdb.pwfile"
+        write_private_file(pwfile, secrets.token_urlsafe(32) + "\n", self._owner)
+        try:
+            self._run_as_engine(
+                [self._binary("initdb"), f"--pgdata={tree}", f"--pwfile={pwfile}", *_INITDB_FLAGS],
+                "initdb (template)",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if not (tree / "PG_VERSION").is_file() or not (tree / "global" / "pg_control").is_file():
+            raise EngineError("initdb finished but wrote no cluster; check its installation.")
+        for name in _INITDB_CONFIG_FILES:
+            (tree / name).unlink(missing_ok=True)
+        for segment in (tree / "pg_wal").iterdir():
+            if segment.is_file():
+                segment.unlink()
+
     def _install_data_dir(self, staging: Path) -> None:
         # Coffer's own configuration lives in etc/; initdb's copies would only mislead.
-        for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        for name in _INITDB_CONFIG_FILES:
             (staging / name).unlink(missing_ok=True)
         entries = sorted(staging.iterdir(), key=lambda p: (p.name == "PG_VERSION", p.name))
         for entry in entries:
@@ -453,6 +590,8 @@ class PostgreSQLDatastore(Datastore):
                 "-c",
                 "log_min_error_statement=panic",
                 "-c",
+                "log_statement=none",
+                "-c",
                 "listen_addresses=",
                 MAINTENANCE_DB,
             ],
@@ -475,7 +614,7 @@ class PostgreSQLDatastore(Datastore):
         wanted_users = self.catalog.validate_users(users)
         with self._lock:
             self.layout.create(self._owner)
-            if not self.is_initialized():
+            if not self.is_initialized() and not self._copy_template():
                 self._initialize()
             self.start()
         self.catalog.ensure(wanted_dbs, wanted_users)
@@ -589,6 +728,40 @@ class PostgreSQLDatastore(Datastore):
                 return
             time.sleep(0.02)
         raise EngineUnavailable("postgres did not reload its configuration within 10 s.")
+
+    # -- guest logs (coffer.guest.logs) ------------------------------------------------------
+
+    def log_sources(self) -> dict[str, LogSource]:
+        """The engine's logs (``coffer.guest.config.logs``): all in the one server log, the
+        general and slow query logs as views of its statement and duration entries."""
+        return {
+            "error": LogSource(self.log_file),
+            "general": LogSource(self.log_file, view="postgresql-statements"),
+            "slow_query": LogSource(self.log_file, view="postgresql-durations"),
+        }
+
+    def log_settings(self) -> dict[str, str]:
+        """What ``etc/logs.json`` asks of ``postgresql.conf``. Tenant sessions' statements are
+        logged as sent; the agent's own sessions switch statement logging off."""
+        switches = read_switches(self.layout)
+        slow = switches.is_on("slow_query")
+        return {
+            "log_statement": "all" if switches.is_on("general") else "none",
+            "log_min_duration_statement": str(switches.long_query_ms) if slow else "-1",
+        }
+
+    def apply_log_switches(self) -> set[str]:
+        """Make the running server follow ``etc/logs.json``: rewrite ``postgresql.conf`` and
+        reload (both settings take a reload); returns the logs that wait for a restart."""
+        if self._write_config():
+            self._reload()
+        names = {"log_statement": "general", "log_min_duration_statement": "slow_query"}
+        with self._admin() as conn:
+            rows = conn.execute(
+                "SELECT name FROM pg_settings WHERE pending_restart AND name = ANY(%s)",
+                (list(names),),
+            ).fetchall()
+        return {names[str(row[0])] for row in rows}
 
     def _admin_password(self, create: bool = False) -> str:
         password = self._known_password()

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -64,6 +66,7 @@ from coffer.datastores import redis_rules as rules
 from coffer.errors import CofferError, EngineError, UserAlreadyExists, UserNotFound, ValidationError
 from coffer.guest.backup.base import EngineAccess
 from coffer.guest.backup.redis import RedisBackup
+from coffer.guest.config.logs import LogSource, read_switches
 from coffer.guest.config.redis import RedisOverrides
 from coffer.guest.datastores.base import (
     Capability,
@@ -116,6 +119,23 @@ _UNSAFE_PATH = re.compile(r"[\s#'\"\\]")
 _VERSION = re.compile(r"\bv=(\d+\.\d+\.\d+)")
 
 
+def _no_client_setinfo() -> dict[str, Any]:
+    """Options that keep redis-py from announcing itself on each new connection (CLIENT
+    SETINFO: two more round trips, and a look-up of its own version in the installed
+    packages' metadata). The agent's admin connections are short and many (every status
+    check, every start's readiness poll), so they skip it; the option's name depends on the
+    redis-py version."""
+    params = inspect.signature(redis.Redis.__init__).parameters
+    if "driver_info" in params:
+        return {"driver_info": None}
+    if "lib_name" in params:
+        return {"lib_name": None, "lib_version": None}
+    return {}
+
+
+_NO_CLIENT_SETINFO = _no_client_setinfo()
+
+
 def _find_binary(name: str) -> str | None:
     # /usr/sbin is often missing from an unprivileged user's PATH.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
@@ -124,6 +144,17 @@ def _find_binary(name: str) -> str | None:
 def memory_settings(memory_mb: int) -> dict[str, str]:
     """Engine sizing for a flavor: ``maxmemory`` = 75% of its RAM, ``noeviction`` when full."""
     return {"maxmemory": f"{memory_mb * 3 // 4}mb", "maxmemory-policy": "noeviction"}
+
+
+#: Redis's built-in slow log threshold (microseconds).
+_SLOWLOG_DEFAULT_US = 10000
+
+
+def _slowlog_word(arg: str) -> str:
+    """One argument of a slow log entry, quoted when it holds blanks or is empty."""
+    if arg and not any(ch.isspace() for ch in arg) and '"' not in arg:
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def password_hash(password: str) -> str:
@@ -143,7 +174,7 @@ class RedisDatastore(Datastore):
 
     manager: ClassVar[str] = "redis"
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.USERS, Capability.ROOT, Capability.BACKUP}
+        {Capability.USERS, Capability.ROOT, Capability.BACKUP, Capability.LOGS}
     )
     capability_notes: ClassVar[dict[Capability, str]] = {
         Capability.DATABASES: rules.DATABASES_UNSUPPORTED
@@ -166,6 +197,8 @@ class RedisDatastore(Datastore):
         self.pidfile = layout.run_dir / "redis-server.pid"
         self.log_file = layout.log_dir / "redis.log"
         self.console_log = layout.log_dir / "redis.console.log"
+        #: The slow log's entries, copied out of the server by ``collect_logs``.
+        self.slow_query_log = layout.log_dir / "slow_query.log"
         self.password_file = layout.secrets_dir / "os_admin.password"
         if len(str(self.socket.resolve())) > _MAX_SOCKET_PATH:
             raise ValidationError(
@@ -237,6 +270,7 @@ class RedisDatastore(Datastore):
             "enable-debug-command": "no",
             "enable-module-command": "no",
             **memory_settings(spec.memory_mb),
+            **self.log_settings(),
         }
         lines = ["# Written by Coffer at every start; edits here are lost."]
         lines += [f"{key} {value}" for key, value in settings.items()]
@@ -409,6 +443,69 @@ class RedisDatastore(Datastore):
     def status(self) -> ServiceStatus:
         return engine_status(self._process, self._answers)
 
+    # -- guest logs (coffer.guest.logs) ------------------------------------------------------
+
+    def log_sources(self) -> dict[str, LogSource]:
+        """The engine's logs (``coffer.guest.config.logs``); the slow log lives in the server's
+        memory, so ``collect_logs`` copies it to a file first."""
+        return {"error": LogSource(self.log_file), "slow_query": LogSource(self.slow_query_log)}
+
+    def log_settings(self) -> dict[str, str]:
+        """The slow log threshold ``etc/logs.json`` asks for (Redis's own default, 10 ms, while
+        the slow_query log is off: the server keeps its slow log either way)."""
+        switches = read_switches(self.layout)
+        if not switches.is_on("slow_query"):
+            return {"slowlog-log-slower-than": str(_SLOWLOG_DEFAULT_US)}
+        return {"slowlog-log-slower-than": str(switches.long_query_ms * 1000)}
+
+    def apply_log_switches(self) -> set[str]:
+        """Make the running server follow ``etc/logs.json`` (``CONFIG SET``, live); returns the
+        logs that wait for a restart, none here."""
+        with self._admin() as client:
+            for name, value in self.log_settings().items():
+                client.execute_command("CONFIG", "SET", name, value)
+        return set()
+
+    def collect_logs(self) -> None:
+        """Append the slow log entries not copied yet to ``log/slow_query.log`` (while the
+        slow_query log is on), but for the agent's own. Redis itself redacts secrets in them
+        (AUTH, HELLO, ACL SETUSER); entries are told apart by (time, id), since ids restart
+        with the server."""
+        if not read_switches(self.layout).is_on("slow_query"):
+            return
+        mark_file = self.layout.log_dir / ".slow_query.mark"
+        try:
+            mark = tuple(int(part) for part in mark_file.read_text().split()[:2])
+        except (OSError, ValueError):
+            mark = (0, -1)
+        with self._admin() as client:
+            entries = client.execute_command("SLOWLOG", "GET", "-1")
+        # The agent's own commands (over the unix socket, which only it can reach) are left
+        # out, as its sessions are on the other engines.
+        # Redis names a unix socket client by the socket's path, cut short on long paths.
+        own = str(self.layout.run_dir)
+        fresh = sorted(
+            (int(entry[1]), int(entry[0]), entry)
+            for entry in entries
+            if (int(entry[1]), int(entry[0])) > mark
+            and not str(entry[4] if len(entry) > 4 else "").startswith(own)
+        )
+        if not fresh:
+            return
+        lines = []
+        for started, _, entry in fresh:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+            words = " ".join(_slowlog_word(str(arg)) for arg in entry[3])
+            client_address = entry[4] if len(entry) > 4 else ""
+            lines.append(
+                f"{when} id={entry[0]} duration_us={entry[2]} client={client_address} "
+                f"command: {words}\n"
+            )
+        fd = os.open(self.slow_query_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write("".join(lines))
+        write_private_file(mark_file, f"{fresh[-1][0]} {fresh[-1][1]}\n", self._owner)
+
     # -- connection and errors ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -426,6 +523,7 @@ class RedisDatastore(Datastore):
                 # Retries belong to the caller (start's loop, the agent's next cycle).
                 retry=Retry(NoBackoff(), 0),
                 single_connection_client=True,
+                **_NO_CLIENT_SETINFO,
             )
             yield client
         except redis.AuthenticationError:

@@ -15,6 +15,10 @@ Layout of the store (its root is ``EngineSpec.template_dir``, owned by the engin
         template.json                   the completion marker (engine, version, variant)
     .<engine>-<version>-<variant>.lock  flock(2) taken by whoever builds that template
     .build-<name>-<random>/             a build in progress (or left by a builder that died)
+    .spares/<name>/ready-<random>/      a ready copy of the template's tree, taken whole by a
+                                        create (``take_spare``); ``making-<random>/`` while
+                                        one is made (``make_spares``)
+    .spares/.<name>.lock                flock(2) taken by whoever makes that template's copies
 
 A template is keyed by engine, engine version and a *variant*: a short digest of everything
 that changes what initialisation writes (locale, page size, the init tool's flags). A template
@@ -25,7 +29,9 @@ Concurrency: a published template is found without any lock. Building takes an e
 build it; the loser waits and then uses the winner's template. A build happens in a private
 directory that is fsynced and renamed into place with its marker, so a template directory
 either is complete or is not a template: one without a valid marker (a copy by hand, a crash
-of the disk) is ignored and rebuilt. The store trusts its owner: anyone who can write it can
+of the disk) is ignored and rebuilt. Ready copies follow the same rule: made under a
+``making-`` name, flushed, then renamed ``ready-``; a create takes one by renaming it away,
+so no two creates ever get the same copy. The store trusts its owner: anyone who can write it can
 change what later instances start from, which the engine user can do to instances directly.
 """
 
@@ -54,6 +60,10 @@ LOG = logging.getLogger(__name__)
 
 MARKER = "template.json"
 TREE = "tree"
+#: Under the store's root: ready copies of each template (``<name>/ready-*``), see ``spares``.
+SPARES_DIR = ".spares"
+#: How many ready copies of a template are kept, so the next creates need not copy.
+SPARES = 2
 #: Bumped when the store's layout changes, so a newer Coffer never trusts an older layout.
 FORMAT = 1
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
@@ -370,7 +380,27 @@ class TemplateStore:
                 f"Copying template {template.name} to {dest} failed ({exc.strerror})."
             ) from None
 
-    def _copy_into(self, template: Path, dest: Path) -> None:
+    # -- spare copies ------------------------------------------------------------------------
+
+    def spares_dir(self, template: Path) -> Path:
+        """Where the ready copies of ``template`` wait (``ready-*``; ``making-*`` while one is
+        being made)."""
+        return self.root / SPARES_DIR / template.name
+
+    def take_spare(self, template: Path, dest: Path) -> bool:
+        """Move a ready copy of ``template`` onto ``dest`` (missing or an empty directory, as
+        for ``copy_into``); False when there is none (or it cannot be moved there, e.g. on
+        another file system): the caller copies instead. Each copy is taken once: the first
+        ``rename`` wins it."""
+        spares = self.spares_dir(template)
+        if not self._is_complete(template):
+            return False
+        try:
+            ready = sorted(spares.glob("ready-*"))
+        except OSError:
+            return False
+        if not ready:
+            return False
         try:
             before = dest.lstat()
         except FileNotFoundError:
@@ -379,19 +409,99 @@ class TemplateStore:
             raise TemplateError(
                 f"{dest} is not an empty directory; a template is copied only into an empty one."
             )
-        for leftover in dest.parent.glob(f".{dest.name}.copy-*"):
-            _remove_tree(leftover)
-        temp = dest.parent / f".{dest.name}.copy-{secrets.token_hex(6)}"
+        for entry in ready:
+            temp = dest.parent / f".{dest.name}.copy-{secrets.token_hex(6)}"
+            try:
+                os.rename(entry, temp)
+            except FileNotFoundError:
+                continue  # taken by another instance a moment ago
+            except OSError as exc:
+                LOG.info("cannot take a ready copy of %s (%s); copying", template.name, exc)
+                return False
+            try:
+                if before is not None:
+                    copied = temp.lstat()
+                    if (copied.st_uid, copied.st_gid) != (before.st_uid, before.st_gid):
+                        os.chown(temp, before.st_uid, before.st_gid, follow_symlinks=False)
+                    os.chmod(temp, stat.S_IMODE(before.st_mode))
+                os.rename(temp, dest)
+            except OSError as exc:
+                _remove_tree(temp)
+                raise TemplateError(
+                    f"Cannot move a copy of template {template.name} to {dest} ({exc.strerror})."
+                ) from None
+            LOG.info("took a ready copy of template %s", template.name)
+            return True
+        return False
+
+    def make_spares(self, template: Path, count: int = SPARES) -> int:
+        """Make ready copies of ``template`` until there are ``count``; returns how many were
+        made. Meant for the background, after a create: the copy runs at the lowest CPU
+        priority, and a process already making copies of this template is left to it (its
+        lock is held; nothing is made here). Each copy is made under a ``making-`` name,
+        flushed to disk and only then renamed ``ready-``, so a taken copy is always whole;
+        ``making-`` directories left by a process that died are removed under the lock."""
+        if count <= 0 or not self._is_complete(template):
+            return 0
+        spares = self.spares_dir(template)
+        try:
+            for directory in (spares.parent, spares):
+                directory.mkdir(mode=0o700, exist_ok=True)
+                chown_to(directory, self.owner)
+            fd = os.open(
+                spares.parent / f".{template.name}.lock",
+                os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError as exc:
+            raise TemplateError(
+                f"Cannot prepare ready copies of {template.name} ({exc.strerror})."
+            ) from None
+        made = 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return 0
+                raise TemplateError(f"Cannot lock the ready copies of {template.name}.") from None
+            for leftover in spares.glob("making-*"):
+                _remove_tree(leftover)
+            while len(list(spares.glob("ready-*"))) < count:
+                token = secrets.token_hex(6)
+                making = spares / f"making-{token}"
+                self._run_copy(template, making, background=True)
+                try:
+                    _fsync_tree(making)
+                    os.rename(making, spares / f"ready-{token}")
+                    _fsync_dir(spares)
+                except OSError as exc:
+                    _remove_tree(making)
+                    raise TemplateError(
+                        f"Cannot keep a ready copy of {template.name} ({exc.strerror})."
+                    ) from None
+                made += 1
+        finally:
+            os.close(fd)
+        if made:
+            LOG.info(
+                "made %d ready cop%s of template %s",
+                made,
+                "y" if made == 1 else "ies",
+                template.name,
+            )
+        return made
+
+    def _run_copy(self, template: Path, temp: Path, background: bool = False) -> None:
+        """``cp -a --reflink=auto`` of ``template``'s tree to ``temp`` (must not exist);
+        TemplateError (``temp`` removed) if it fails. ``background``: at the lowest CPU
+        priority."""
+        argv = ["cp", "-a", "--reflink=auto", "--no-target-directory", str(template / TREE)]
+        if background:
+            argv = ["nice", "-n", "19", *argv]
         try:
             result = subprocess.run(
-                [
-                    "cp",
-                    "-a",
-                    "--reflink=auto",
-                    "--no-target-directory",
-                    str(template / TREE),
-                    str(temp),
-                ],
+                [*argv, str(temp)],
                 env=_COPY_ENV,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -405,7 +515,21 @@ class TemplateStore:
         if result.returncode != 0:
             _remove_tree(temp)
             detail = " | ".join(result.stderr.strip().splitlines()[-3:])
-            raise TemplateError(f"Copying template {template.name} to {dest} failed: {detail}")
+            raise TemplateError(f"Copying template {template.name} to {temp} failed: {detail}")
+
+    def _copy_into(self, template: Path, dest: Path) -> None:
+        try:
+            before = dest.lstat()
+        except FileNotFoundError:
+            before = None
+        if before is not None and (not stat.S_ISDIR(before.st_mode) or any(dest.iterdir())):
+            raise TemplateError(
+                f"{dest} is not an empty directory; a template is copied only into an empty one."
+            )
+        for leftover in dest.parent.glob(f".{dest.name}.copy-*"):
+            _remove_tree(leftover)
+        temp = dest.parent / f".{dest.name}.copy-{secrets.token_hex(6)}"
+        self._run_copy(template, temp)
         try:
             if before is not None:
                 copied = temp.lstat()
