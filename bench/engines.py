@@ -29,6 +29,8 @@ import psycopg
 import pymysql
 import redis
 from psycopg import sql
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bench.harness import BenchError, EngineUser, port_open
 
@@ -121,6 +123,9 @@ def try_login(manager: str, address: str, creds: Credentials | None) -> bool:
                 password=creds.password if creds else None,
                 socket_connect_timeout=2,
                 socket_timeout=2,
+                # One attempt is one connection, as with the other clients: redis-py's default
+                # retries a refused connection with backoff, for up to seconds per attempt.
+                retry=Retry(NoBackoff(), 0),
             )
             try:
                 if creds is None:

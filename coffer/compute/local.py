@@ -13,8 +13,12 @@ pre-initialised data directories datastores copy instead of initialising one eac
 :mod:`coffer.guest.datastores.template`).
 
 The tree is ``python -m coffer.compute.supervisor <dir>`` (detached, its own session) -> the guest
-agent -> the engine. It outlives the control plane; a new driver object finds it again through
-the pidfile, trusting a pid only if ``/proc/<pid>/cmdline`` names this instance's directory.
+agent -> the engine. With the standard agent command, supervisor and agent are forks of the
+host's zygote (:mod:`coffer.compute.zygote`, ``<state_dir>/zygote/``), which has the agent's
+modules imported already; if the zygote cannot be used, the driver starts the interpreters.
+The tree outlives the control plane; a new driver object finds it again through the pidfile,
+trusting a pid only if ``/proc/<pid>/cmdline`` names this instance's directory (for a fork of
+the zygote: if its start time matches the pidfile's and it runs in the instance's directory).
 When Coffer runs as root the whole tree runs as the engine user (``[compute] engine_user``).
 Addresses come from the loopback pools in the control DB (see :mod:`coffer.compute.addresses`).
 """
@@ -27,9 +31,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +73,11 @@ from coffer.compute.supervisor import (
     MODULE,
     PIDFILE,
     SupervisorConfig,
+    agent_module_args,
 )
+from coffer.compute.zygote import MAX_SOCKET_PATH as _MAX_SOCKET_PATH
+from coffer.compute.zygote import MODULE as ZYGOTE_MODULE
+from coffer.compute.zygote import SOCKET_NAME as ZYGOTE_SOCKET
 from coffer.config import Settings
 from coffer.db.session import make_engine
 from coffer.errors import ComputeError, ValidationError
@@ -78,6 +89,10 @@ CONFIG_PLACEHOLDER = "{config}"
 GUEST_CONFIG_FILE = "guest.json"
 #: Under the state dir: the host's template data directories, shared by all instances.
 TEMPLATES_DIR = "templates"
+#: Under the state dir: the zygote's socket and log (the engine user's, 0700).
+ZYGOTE_DIR = "zygote"
+#: How long a zygote may take to import everything and listen.
+_ZYGOTE_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 20.0
 _START_TIMEOUT = 30.0
 _KILL_WAIT = 5.0
@@ -102,7 +117,8 @@ class LocalCompute(ComputeDriver):
     a test may pass any command to exercise supervision without an engine.
     ``supervisor_python`` is the interpreter for the supervisor (default: this one); it must
     be runnable by the engine user. ``stop_timeout`` is how long the supervisor lets the agent
-    stop before killing it.
+    stop before killing it. ``zygote`` (default: whenever the agent command is the standard
+    one run by ``supervisor_python``) forks supervisors and agents from the host's zygote.
     """
 
     name = "local"
@@ -114,17 +130,21 @@ class LocalCompute(ComputeDriver):
         *,
         supervisor_python: str | None = None,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        zygote: bool | None = None,
     ) -> None:
         super().__init__(settings)
         self.private_pool, self.public_pool = addresses.parse_pools(
             settings.compute.private_pool, settings.compute.public_pool
         )
         if agent_argv is None:
+            # The agent's own entry point, not ``coffer guestagent``: the CLI would load the
+            # control plane's settings model into every agent. -P keeps the (engine-writable)
+            # instance directory, the agent's working directory, off its sys.path.
             agent_argv = [
                 sys.executable,
+                "-P",
                 "-m",
-                "coffer.cli.main",
-                "guestagent",
+                "coffer.guest.agent",
                 "--config",
                 CONFIG_PLACEHOLDER,
             ]
@@ -139,7 +159,18 @@ class LocalCompute(ComputeDriver):
         self.cgroups = MemoryCgroups()
         self._user: EngineUser | None = None
         self._db_engine: Engine | None = None
-        self._lock = threading.RLock()
+        # One lock per instance, not one for the driver: creates, starts and deletes of
+        # different instances run side by side (each touches only its own directory, cgroup
+        # and supervisor); the supervisor's own instance lock guards against other processes.
+        self._locks: dict[str, tuple[threading.RLock, list[int]]] = {}
+        self._locks_guard = threading.Lock()
+        standard = agent_module_args(self.agent_argv) is not None and os.path.realpath(
+            self.supervisor_python
+        ) == os.path.realpath(sys.executable)
+        self.use_zygote = standard if zygote is None else (zygote and standard)
+        self.zygote_dir = self.state_dir / ZYGOTE_DIR
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zygote_lock = threading.Lock()
 
     # -- paths and the engine user -----------------------------------------------------------
 
@@ -204,8 +235,151 @@ class LocalCompute(ComputeDriver):
         if self._db_engine is not None:
             self._db_engine.dispose()
             self._db_engine = None
+        self.stop_zygote()
+
+    # -- the zygote ----------------------------------------------------------------------------
+
+    def warm(self) -> None:
+        """Start the zygote now rather than at the first create (never raises)."""
+        if not self.use_zygote:
+            return
+        try:
+            self._prepare_shared_dirs(self.engine_user)
+            self._ensure_zygote()
+        except Exception as exc:
+            log.warning("the zygote could not be started ahead (%s); creates start it", exc)
+            return
+        self.refill_templates()
+
+    def stop_zygote(self) -> None:
+        """Stop the zygote this driver started (instances keep running)."""
+        with self._zygote_lock:
+            proc, self._zygote = self._zygote, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _zygote_socket(self) -> Path | None:
+        path = self.zygote_dir / ZYGOTE_SOCKET
+        return path if len(str(path)) <= _MAX_SOCKET_PATH else None
+
+    def refill_templates(self) -> None:
+        """Have the zygote top up the ready copies of the host's templates in the background
+        (see ``TemplateStore.make_spares``), so the next creates need not copy one. Called
+        after a create; does nothing without a zygote, and never raises."""
+        if not self.use_zygote:
+            return
+        try:
+            self._ask_zygote(None)
+        except OSError as exc:
+            log.info("the zygote did not take the request for spare copies (%s)", exc)
+
+    def _ask_zygote(self, directory: Path | None) -> int:
+        """Have the zygote start ``directory``'s supervisor (None: make spare copies of the
+        templates); the exit code. OSError if the zygote is not there or breaks off."""
+        path = self._zygote_socket()
+        if path is None:
+            raise OSError("the zygote's socket path is too long")
+        request = {"spares": True} if directory is None else {"instance_dir": str(directory)}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(_START_TIMEOUT)
+            conn.connect(str(path))
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        try:
+            reply = json.loads(answer.decode())
+            return int(reply["code"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OSError(f"the zygote answered {answer[:200]!r}") from exc
+
+    def _ensure_zygote(self) -> None:
+        """Start the zygote unless one answers on the socket; wait until it listens."""
+        path = self._zygote_socket()
+        if path is None:
+            raise ComputeError(f"the zygote's socket path under {self.zygote_dir} is too long")
+        with self._zygote_lock:
+            if self._zygote is not None and self._zygote.poll() is None and path.exists():
+                return
+            if self._zygote is not None:
+                self._zygote.poll()  # reap a zygote that ended
+            user = self.engine_user
+            with open_dir(self.state_dir) as state_fd:
+                make_owned_dir(ZYGOTE_DIR, state_fd, user, 0o700)
+                log_fd = open_log_for_append(state_fd, ZYGOTE_DIR, "zygote.log", user)
+            identity: dict[str, Any] = {}
+            if user.drops_privileges:
+                identity = {"user": user.uid, "group": user.gid, "extra_groups": []}
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                "LANG": "C.UTF-8",
+                "HOME": str(self.zygote_dir),
+                "USER": user.name,
+                "LOGNAME": user.name,
+                "PYTHONPATH": str(_PACKAGE_ROOT),
+            }
+            try:
+                proc = subprocess.Popen(
+                    [self.supervisor_python, "-P", "-m", ZYGOTE_MODULE, str(self.zygote_dir)],
+                    cwd=self.zygote_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    start_new_session=True,
+                    close_fds=True,
+                    **identity,
+                )
+            finally:
+                os.close(log_fd)
+            deadline = time.monotonic() + _ZYGOTE_START_TIMEOUT
+            while not self._zygote_listens(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+                    raise ComputeError(
+                        f"the zygote did not start; see {self.zygote_dir / 'zygote.log'}"
+                    )
+                time.sleep(0.01)
+            self._zygote = proc
+            log.info("zygote started (pid %d)", proc.pid)
+
+    @staticmethod
+    def _zygote_listens(path: Path) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                return False
+        return True
 
     # -- servers -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _instance_lock(self, instance_id: str) -> Iterator[None]:
+        """Hold ``instance_id``'s lock (re-entrant); dropped from the table when unused."""
+        with self._locks_guard:
+            entry = self._locks.get(instance_id)
+            if entry is None:
+                entry = self._locks[instance_id] = (threading.RLock(), [0])
+            entry[1][0] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_guard:
+                entry[1][0] -= 1
+                if entry[1][0] == 0:
+                    del self._locks[instance_id]
 
     def create_server(self, spec: ServerSpec) -> ServerInfo:
         instance_id = check_instance_id(spec.instance_id)
@@ -243,7 +417,7 @@ class LocalCompute(ComputeDriver):
             stop_timeout=self.stop_timeout,
             extra={"volume_size_gb": volume_gb, "ram_mb": ram_mb, "is_public": spec.is_public},
         )
-        with self._lock:
+        with self._instance_lock(instance_id):
             with open_dir(self.instances_dir) as instances_fd:
                 make_owned_dir(instance_id, instances_fd, user)
             with open_dir(directory) as dir_fd:
@@ -271,7 +445,7 @@ class LocalCompute(ComputeDriver):
                 "run create_server again"
             )
         self._prepare_shared_dirs(self.engine_user)
-        with self._lock:
+        with self._instance_lock(instance_id):
             return self._start(instance_id)
 
     def get_server(self, instance_id: str) -> ServerInfo | None:
@@ -282,7 +456,7 @@ class LocalCompute(ComputeDriver):
 
     def delete_server(self, instance_id: str, timeout: float = 30) -> None:
         directory = self.instance_dir(instance_id)
-        with self._lock:
+        with self._instance_lock(instance_id):
             supervisor = self._find_supervisor(directory)
             members = self._instance_processes(directory, supervisor)
             if supervisor is not None:
@@ -389,9 +563,11 @@ class LocalCompute(ComputeDriver):
                 )
 
     def _start(self, instance_id: str) -> ServerInfo:
-        """Start the supervisor unless it runs; the caller holds ``self._lock``."""
+        """Start the supervisor unless it runs; the caller holds the instance's lock."""
         directory = self.instance_dir(instance_id)
         supervisor = self._find_supervisor(directory)
+        if supervisor is None and self.use_zygote:
+            supervisor = self._launch_forked(instance_id, directory)
         if supervisor is None:
             supervisor = self._launch(instance_id, directory)
         cgroup = self.cgroups.path(instance_id)
@@ -400,6 +576,37 @@ class LocalCompute(ComputeDriver):
                 cgroup, [supervisor.pid, *(p.pid for p in procfs.descendants(supervisor.pid))]
             )
         return self._info(instance_id, supervisor)
+
+    def _launch_forked(self, instance_id: str, directory: Path) -> procfs.ProcessInfo | None:
+        """Start the supervisor as a fork of the zygote (started if needed); None when the
+        zygote cannot be used, so the caller starts an interpreter instead."""
+        code = None
+        for attempt in range(2):
+            try:
+                code = self._ask_zygote(directory)
+                break
+            except OSError as exc:
+                if attempt:
+                    log.warning("the zygote did not answer (%s); starting Python instead", exc)
+                    return None
+            try:
+                self._ensure_zygote()
+            except (ComputeError, OSError) as exc:
+                log.warning("%s; starting Python instead", exc)
+                self.use_zygote = False
+                return None
+        if code not in (EXIT_STARTED, EXIT_ALREADY_RUNNING):
+            raise ComputeError(
+                f"the supervisor of instance {instance_id} failed to start (exit code {code}); "
+                f"see {directory / LOGFILE}"
+            )
+        supervisor = self._find_supervisor(directory)
+        if supervisor is None:
+            raise ComputeError(
+                f"the supervisor of instance {instance_id} started but is no longer running; "
+                f"see {directory / LOGFILE}"
+            )
+        return supervisor
 
     def _launch(self, instance_id: str, directory: Path) -> procfs.ProcessInfo:
         user = self.engine_user
@@ -470,9 +677,18 @@ class LocalCompute(ComputeDriver):
         if proc is None or proc.is_zombie or proc.uid != self.engine_user.uid:
             return None
         argv = procfs.cmdline(proc.pid)
-        if MODULE not in argv or argv[-1] != str(directory):
-            return None  # the pid was recycled by some other process
-        return proc
+        if MODULE in argv and argv[-1] == str(directory):
+            return proc
+        # A fork of the zygote carries the zygote's command line: trusted by its recorded
+        # start time and its working directory (the supervisor runs in the instance's).
+        if (
+            ZYGOTE_MODULE in argv
+            and record[1] is not None
+            and record[1] == proc.start_time
+            and procfs.cwd(proc.pid) == str(directory)
+        ):
+            return proc
+        return None  # the pid was recycled by some other process
 
     def _instance_processes(
         self, directory: Path, supervisor: procfs.ProcessInfo | None

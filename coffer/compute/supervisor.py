@@ -15,6 +15,13 @@ the instance survives ``coffer up`` stopping. It
 
 Stdlib only (with :mod:`coffer.compute.procfs`): it must start under any Python 3.11 the engine
 user can run. Nothing secret is passed to it; the agent finds secrets in ``guest.json``.
+
+Forked from the host's zygote (:mod:`coffer.compute.zygote`) instead of started as a new
+interpreter, the supervisor already holds the guest agent's modules, so it starts the agent with
+a plain ``fork`` (``fork_agent``): no interpreter start and no imports on the way to a serving
+agent, and the agent's pages are shared copy-on-write. It is still the agent's parent and
+behaves the same in every other way. Such a process carries the zygote's command line, so its
+pidfile records ``<pid> <start time>`` and it is recognised by that and its working directory.
 """
 
 from __future__ import annotations
@@ -129,9 +136,21 @@ def _remove_if_mine(path: Path, pid: int) -> None:
 class Supervisor:
     """The supervision loop of one instance; see the module docstring for the behaviour."""
 
-    def __init__(self, instance_dir: Path, config: SupervisorConfig) -> None:
+    def __init__(
+        self,
+        instance_dir: Path,
+        config: SupervisorConfig,
+        *,
+        fork_agent: bool = False,
+        private_fds: tuple[int, ...] = (),
+    ) -> None:
         self.instance_dir = instance_dir
         self.config = config
+        #: Fork the agent from this (pre-imported) process when its command is the standard one.
+        self.fork_agent = fork_agent
+        #: Descriptors of the supervisor's own (the instance lock) a forked agent must not keep.
+        self._private_fds = private_fds
+        self._wakeup_w = -1
         self._child: int | None = None
         self._child_started = 0.0
         self._backoff = min(config.backoff_initial, config.backoff_max)
@@ -144,8 +163,8 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         """Route SIGTERM/SIGINT/SIGCHLD to a self-pipe the loop waits on, so none is lost."""
-        self._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, _note_signal)
         # No terminal: a stray SIGHUP must not stop the instance.
@@ -210,25 +229,29 @@ class Supervisor:
             0o600,
         )
         try:
-            pid = os.posix_spawnp(
-                argv[0],
-                argv,
-                dict(os.environ),
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ],
-                # Python ignores SIGPIPE/SIGXFSZ and the agent must not inherit that.
-                setsigdef=(
-                    signal.SIGPIPE,
-                    signal.SIGXFSZ,
-                    signal.SIGHUP,
-                    signal.SIGTERM,
-                    signal.SIGINT,
-                    signal.SIGCHLD,
-                ),
-                setsigmask=(),
-            )
+            module_args = agent_module_args(argv) if self.fork_agent else None
+            if module_args is not None:
+                pid = self._fork_agent(module_args, log_fd)
+            else:
+                pid = os.posix_spawnp(
+                    argv[0],
+                    argv,
+                    dict(os.environ),
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                        (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                    ],
+                    # Python ignores SIGPIPE/SIGXFSZ and the agent must not inherit that.
+                    setsigdef=(
+                        signal.SIGPIPE,
+                        signal.SIGXFSZ,
+                        signal.SIGHUP,
+                        signal.SIGTERM,
+                        signal.SIGINT,
+                        signal.SIGCHLD,
+                    ),
+                    setsigmask=(),
+                )
         except OSError as exc:
             log.error("cannot start the guest agent %s: %s", argv[0], exc.strerror or exc)
             self._schedule_restart(ran=0.0)
@@ -241,6 +264,51 @@ class Supervisor:
         start = info.start_time if info is not None else 0
         write_pidfile(self.instance_dir / AGENT_PIDFILE, f"{pid} {start}\n")
         log.info("started the guest agent (pid %d)", pid)
+
+    def _fork_agent(self, args: list[str], log_fd: int) -> int:
+        """Run ``coffer.guest.agent`` with ``args`` in a fork of this process; returns its pid.
+
+        The child is what a fresh ``python -P -m coffer.guest.agent`` would be: output to the
+        agent's log, default dispositions for the signals the supervisor handles, an empty
+        signal mask, and none of the supervisor's descriptors (the instance lock must stay
+        with the supervisor, or a new supervisor could not start while this agent lives).
+        """
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            signal.set_wakeup_fd(-1)
+            for fd in (log_fd, self._wakeup_r, self._wakeup_w, *self._private_fds):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for signum in (
+                signal.SIGHUP,
+                signal.SIGTERM,
+                signal.SIGINT,
+                signal.SIGCHLD,
+            ):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            from coffer.guest.agent import cli
+
+            code = cli(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
 
     def _reap(self) -> None:
         while True:
@@ -315,7 +383,11 @@ class Supervisor:
             proc is not None
             and proc.start_time == start
             and not proc.is_zombie
-            and procfs.environ_has(pid, MARKER_ENV, str(self.instance_dir))
+            and (
+                procfs.environ_has(pid, MARKER_ENV, str(self.instance_dir))
+                # A forked agent carries the zygote's environment, but runs in the directory.
+                or procfs.cwd(pid) == str(self.instance_dir)
+            )
         )
         if proc is not None and mine:
             log.warning(
@@ -328,6 +400,20 @@ class Supervisor:
                 procfs.wait_gone([proc], 2.0)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+#: The agent command ``LocalCompute`` writes by default, minus the interpreter and its options.
+AGENT_MODULE = "coffer.guest.agent"
+
+
+def agent_module_args(argv: list[str]) -> list[str] | None:
+    """The agent's own arguments if ``argv`` runs ``python -P -m coffer.guest.agent`` with
+    this very interpreter (so a fork of this process can stand in for it); else None."""
+    if len(argv) < 4 or argv[1:4] != ["-P", "-m", AGENT_MODULE]:
+        return None
+    if os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
+        return None
+    return argv[4:]
 
 
 def _note_signal(signum: int, frame: object) -> None:
@@ -343,7 +429,7 @@ def _has_children() -> bool:
     return True
 
 
-def _daemon(instance_dir: Path, config: SupervisorConfig, report_fd: int) -> int:
+def _daemon(instance_dir: Path, config: SupervisorConfig, report_fd: int, fork_agent: bool) -> int:
     os.setsid()
     lock_fd = os.open(
         instance_dir / LOCKFILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
@@ -355,10 +441,13 @@ def _daemon(instance_dir: Path, config: SupervisorConfig, report_fd: int) -> int
         return EXIT_ALREADY_RUNNING
     if not set_child_subreaper():
         log.warning("could not become a child subreaper: an orphaned engine escapes supervision")
-    supervisor = Supervisor(instance_dir, config)
+    supervisor = Supervisor(instance_dir, config, fork_agent=fork_agent, private_fds=(lock_fd,))
     supervisor.install_signal_handlers()
     pidfile = instance_dir / PIDFILE
-    write_pidfile(pidfile, f"{os.getpid()}\n")
+    me = procfs.read_process(os.getpid())
+    # With the start time, a pid is trusted even when the command line is the zygote's.
+    started = f" {me.start_time}" if me is not None else ""
+    write_pidfile(pidfile, f"{os.getpid()}{started}\n")
     log.info("supervising instance %s (pid %d)", config.instance_id, os.getpid())
     os.write(report_fd, b"ok")
     os.close(report_fd)
@@ -369,13 +458,24 @@ def _daemon(instance_dir: Path, config: SupervisorConfig, report_fd: int) -> int
         os.close(lock_fd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code of the process the driver started (see module doc)."""
+def main(
+    argv: list[str] | None = None,
+    *,
+    fork_agent: bool = False,
+    close_in_daemon: tuple[int, ...] = (),
+) -> int:
+    """Entry point; returns the exit code of the process the driver started (see module doc).
+
+    ``fork_agent``: this process already holds the agent's modules (a fork of the zygote).
+    ``close_in_daemon``: descriptors of the caller's (the zygote's request connection) that
+    the daemon closes at once.
+    """
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
         format="%(asctime)s supervisor[%(process)d] %(levelname)s %(message)s",
+        force=True,
     )
     if len(args) != 1 or not os.path.isabs(args[0]):
         log.error("usage: python -m %s <absolute instance directory>", MODULE)
@@ -394,9 +494,12 @@ def main(argv: list[str] | None = None) -> int:
             answer = report.read()
         return {b"ok": EXIT_STARTED, b"running": EXIT_ALREADY_RUNNING}.get(answer, EXIT_FAILED)
     os.close(read_fd)
+    for fd in close_in_daemon:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     code = EXIT_FAILED
     try:
-        code = _daemon(instance_dir, config, write_fd)
+        code = _daemon(instance_dir, config, write_fd, fork_agent)
     except BaseException:
         log.exception("the supervisor failed")
     finally:

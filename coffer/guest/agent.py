@@ -16,22 +16,31 @@ import base64
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coffer.bus.envelope import StaticKeyRing
 from coffer.bus.rpc import RpcClient, RpcServer
 from coffer.bus.topics import CONDUCTOR_TOPIC, guest_topic
 from coffer.datastores.registry import DEFAULT_PORTS, plugin_class
 from coffer.errors import CofferError, NotImplementedByDatastore
-from coffer.guest.backup.worker import BackupWorker
 from coffer.guest.datastores.base import Datastore, EngineSpec
 from coffer.guest.layout import InstanceLayout
 from coffer.status import ServiceStatus
 
+if TYPE_CHECKING:
+    from coffer.guest.backup.worker import BackupWorker
+
 LOG = logging.getLogger("coffer.guestagent")
+
+#: How old the volume's measured size may be in a heartbeat. Measuring walks every file of the
+#: volume (it is a directory, so ``statvfs`` cannot tell), which was most of an idle agent's CPU
+#: at one walk per heartbeat; a change of the engine's status measures it again at once, and the
+#: ``volume_stats`` call always measures.
+VOLUME_REFRESH = 60.0
 
 _DELEGATED = (
     "create_databases",
@@ -70,6 +79,8 @@ class GuestAgent:
             "backup_status",
             "restore",
             "restore_status",
+            "guest_log_list",
+            "guest_log_action",
             *_DELEGATED,
         }
     )
@@ -100,11 +111,28 @@ class GuestAgent:
             workers=2,
         )
         self._last_report_error = 0.0
-        #: Backups and restores run in background threads (``coffer.guest.backup.worker``), so
-        #: the loop keeps reporting heartbeats while they stream.
-        self._backups = BackupWorker(
-            lambda: self.datastore, self._state_dir, self._report_backup, lambda: self.prepared
-        )
+        self._backup_worker: BackupWorker | None = None
+        #: The last measured volume size, when it was measured and the status reported with it.
+        self._volume: dict[str, int] | None = None
+        self._volume_at = 0.0
+        self._volume_status: ServiceStatus | None = None
+
+    @property
+    def _backups(self) -> BackupWorker:
+        """Backups and restores run in background threads (``coffer.guest.backup.worker``), so
+        the loop keeps reporting heartbeats while they stream. Made on first use: an agent that
+        never backs up never loads the backup pipeline."""
+        if self._backup_worker is None:
+            from coffer.guest.backup.worker import BackupWorker
+
+            self._backup_worker = BackupWorker(
+                lambda: self.datastore,
+                self._state_dir,
+                self._report_backup,
+                lambda: self.prepared,
+                archive_report=self._report_archive,
+            )
+        return self._backup_worker
 
     # -- local state -----------------------------------------------------------------------------
 
@@ -126,18 +154,29 @@ class GuestAgent:
     def ping(self) -> str:
         return "pong"
 
-    def prepare(self, databases: list[dict[str, Any]], users: list[dict[str, Any]]) -> str:
-        """Initialise, configure and start the engine, then create databases and users.
+    def prepare(
+        self,
+        databases: list[dict[str, Any]],
+        users: list[dict[str, Any]],
+        overrides: dict[str, Any] | None = None,
+        restart_required: list[str] | None = None,
+    ) -> str:
+        """Initialise, configure and start the engine, then create databases and users, and
+        apply ``overrides`` (the values of the configuration group the instance is created
+        with) before it is reported ready (``_initial_overrides``).
 
         Idempotent: a repeated prepare (the taskmanager retrying after a crash) only makes sure
         the engine runs.
         """
-        self._backups.ensure_not_restoring()
+        if self._backup_worker is not None:  # none yet: no restore can be running
+            self._backup_worker.ensure_not_restoring()
         with self._action_lock:
             if not self.prepared:
                 LOG.info("preparing %s engine", self.manager)
                 try:
                     self.datastore.prepare(databases, users)
+                    if overrides:
+                        self._initial_overrides(overrides, restart_required or [])
                 except Exception as exc:
                     self._report(ServiceStatus.FAILED, message=str(exc))
                     raise
@@ -148,6 +187,25 @@ class GuestAgent:
             status = self.datastore.status()
         self._report(status)
         return status.value
+
+    def _initial_overrides(self, values: dict[str, Any], restart_required: list[str]) -> None:
+        """Apply a new instance's configuration group; if some values take effect only at a
+        start, restart the engine once now, so it is ready with every value and nothing waits
+        for a restart after the instance is ACTIVE. (The caller holds the action lock.)"""
+        handler = getattr(self.datastore, "overrides", None)
+        if handler is None:
+            raise NotImplementedByDatastore(
+                f"The {self.manager} datastore does not support configuration groups."
+            )
+        result = handler.apply(values, restart_required)
+        if result["pending_restart"]:
+            LOG.info("restarting the new engine once for %s", ", ".join(result["pending_restart"]))
+            self.datastore.restart()
+            result = handler.apply(values, restart_required)
+            if result["pending_restart"]:
+                raise RuntimeError(
+                    "The engine did not take " + ", ".join(result["pending_restart"]) + " at start."
+                )
 
     def get_status(self) -> str:
         return self.datastore.status().value
@@ -218,21 +276,65 @@ class GuestAgent:
         backup_key: str,
         parent: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
+        archive: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Start taking a backup in the background (see ``BackupWorker.start_backup``)."""
-        return self._backups.start_backup(
-            backup_id, storage, storage_key, backup_key, parent, metadata
+        """Start taking a backup in the background (see ``BackupWorker.start_backup``); with
+        ``archive``, also keep archiving the engine's log there from now on."""
+        result = self._backups.start_backup(
+            backup_id, storage, storage_key, backup_key, parent, metadata, archive
         )
+        if archive is not None:
+            # The engine's configuration names the archive's settings (archive_timeout): a
+            # running engine rewrites and reloads it if they changed, a stopped one stays so.
+            with self._action_lock:
+                if self.datastore.is_running():
+                    self.datastore.start()
+        return result
 
     def backup_status(self, backup_id: str) -> dict[str, Any]:
         return self._backups.backup_status(backup_id)
 
-    def restore(self, backups: list[dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
-        """Start filling the empty data directory from a backup chain, before ``prepare``."""
-        return self._backups.start_restore(backups, storage)
+    def restore(
+        self,
+        backups: list[dict[str, Any]],
+        storage: dict[str, Any],
+        pitr: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start filling the empty data directory from a backup chain (recovered to a point in
+        time with ``pitr``), before ``prepare``."""
+        return self._backups.start_restore(backups, storage, pitr)
 
     def restore_status(self) -> dict[str, Any]:
         return self._backups.restore_status()
+
+    def _report_archive(self, extent: dict[str, Any]) -> None:
+        self._conductor.cast(
+            "update_archive", instance_id=self.instance_id, sent_at=time.time(), **extent
+        )
+
+    def guest_log_list(self, **options: Any) -> list[dict[str, Any]]:
+        """The instance's logs (see ``coffer.guest.logs``)."""
+        result: list[dict[str, Any]] = self._guest_logs().list(**options)
+        return result
+
+    def guest_log_action(self, name: str, **request: Any) -> dict[str, Any]:
+        """Show, switch, publish or discard one log (see ``coffer.guest.logs``)."""
+        result: dict[str, Any] = self._guest_logs().action(name, **request)
+        return result
+
+    def _guest_logs(self) -> Any:
+        # Imported on first use: most agents never serve a log call.
+        from coffer.guest.logs import GuestLogs
+
+        owner = getattr(self.datastore, "_owner", None)
+        return GuestLogs(
+            self.instance_id,
+            self.manager,
+            lambda: self.datastore,
+            self.layout,
+            self._action_lock,
+            owner,
+        )
 
     def _report_backup(self, backup_id: str, fields: dict[str, Any]) -> None:
         self._conductor.cast(
@@ -251,11 +353,24 @@ class GuestAgent:
 
     # -- the loop ----------------------------------------------------------------------------------
 
+    def _volume_for_report(self, status: ServiceStatus) -> dict[str, int] | None:
+        """The volume's size for a heartbeat: measured again when older than
+        ``VOLUME_REFRESH`` or when the engine's status changed since, else the last figure."""
+        now = time.monotonic()
+        if (
+            self._volume is None
+            or status is not self._volume_status
+            or now - self._volume_at >= VOLUME_REFRESH
+        ):
+            try:
+                self._volume = self.datastore.volume_stats()
+            except Exception:
+                self._volume = None
+            self._volume_at, self._volume_status = now, status
+        return self._volume
+
     def _report(self, status: ServiceStatus, message: str | None = None) -> None:
-        try:
-            volume = self.datastore.volume_stats()
-        except Exception:
-            volume = None
+        volume = self._volume_for_report(status)
         try:
             self._conductor.cast(
                 "heartbeat",
@@ -294,6 +409,11 @@ class GuestAgent:
     def run(self) -> None:
         self._server.start()
         LOG.info("guest agent for instance %s serving", self.instance_id)
+        if (self._state_dir / "archive.json").exists():  # archiving was enabled by a backup
+            try:
+                self._backups.resume_archiving()
+            except Exception:
+                LOG.exception("could not resume log archiving")
         while not self._stop.is_set():
             try:
                 self.cycle()
@@ -311,6 +431,8 @@ class GuestAgent:
         """Stop serving and stop the engine (the instance is being deleted or the host stops)."""
         LOG.info("guest agent stopping")
         self._server.stop()
+        if self._backup_worker is not None:
+            self._backup_worker.stop_archiving()
         try:
             with self._action_lock:
                 self.datastore.stop()
@@ -345,3 +467,35 @@ def main(config_path: Path) -> None:
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     agent.run()
+
+
+USAGE = "usage: python -m coffer.guest.agent --config <the instance's guest.json>"
+
+
+def cli(argv: list[str]) -> int:
+    """``python -m coffer.guest.agent --config PATH``: what the compute driver runs.
+
+    The same agent as ``coffer guestagent``, without the command-line framework and the
+    control plane's settings model, which an agent never needs: an idle agent is one of many
+    per host, so what it imports is what it costs (see ``tests/unit/test_agent_imports.py``).
+    """
+    if len(argv) != 2 or argv[0] != "--config":
+        print(USAGE, file=sys.stderr)
+        return 2
+    path = Path(argv[1])
+    if not path.is_file():
+        print(f"{USAGE}\n{path} is not a file", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,  # forked from a supervisor (see coffer.compute.zygote): not its handlers
+    )
+    logging.getLogger("kombu").setLevel(logging.WARNING)
+    main(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

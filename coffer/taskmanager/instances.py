@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
+
+from sqlalchemy import select
 
 from coffer import quotas
 from coffer.bus import keys
 from coffer.compute.base import ComputeDriver, ServerSpec
+from coffer.configuration import groups
 from coffer.controlplane import ControlPlane
 from coffer.db.models import (
     Instance,
@@ -48,6 +52,11 @@ class InstanceFlows:
     def __init__(self, cp: ControlPlane, compute: ComputeDriver) -> None:
         self.cp = cp
         self.compute = compute
+        # A driver that can get ready for creates ahead (the local driver's zygote) does so in
+        # the background, so the first create does not wait for it.
+        warm = getattr(compute, "warm", None)
+        if callable(warm):
+            threading.Thread(target=warm, name="compute-warm", daemon=True).start()
 
     def flows(self) -> dict[str, Flow]:
         return {
@@ -131,6 +140,7 @@ class InstanceFlows:
                 timeout=PREPARE_CALL_TIMEOUT,
                 databases=ctx.payload.get("databases", []),
                 users=users,
+                **self._initial_overrides(inst),
             )
         except RemoteError as exc:
             raise OperationFailed(f"The database engine could not be prepared: {exc}") from exc
@@ -140,18 +150,50 @@ class InstanceFlows:
             raise RuntimeError("the guest agent did not answer prepare in time") from exc
         # The users' passwords were only needed for this step.
         ctx.payload.pop("sealed_users", None)
+        # A driver that keeps ready copies of data directories (the local driver's templates)
+        # replaces the one this create may have taken, in the background.
+        refill = getattr(self.compute, "refill_templates", None)
+        if callable(refill):
+            refill()
         return NEXT
 
+    def _initial_overrides(self, inst: Instance) -> dict[str, Any]:
+        """For an instance created with a configuration group: its values and the names whose
+        rules need a restart, so the engine is ACTIVE with them (``GuestAgent.prepare``)."""
+        if inst.configuration_id is None:
+            return {}
+        with self.cp.session_factory() as session:
+            values = groups.configuration_values_for_instance(session, inst.id)
+            names = groups.restart_required_names(session, inst.datastore_version_id, list(values))
+        return {"overrides": values, "restart_required": names}
+
     def wait_ready(self, ctx: Context) -> StepResult:
+        assert ctx.instance_id is not None
+        # A poll (the guest's report reaches the control DB through the conductor): read only
+        # the two rows' few columns, and take the write lock only to record the outcome.
+        with self.cp.session_factory() as session:
+            building = session.execute(
+                select(Instance.deleted, Instance.task).where(Instance.id == ctx.instance_id)
+            ).first()
+            observed = session.execute(
+                select(ServiceStatusRow.status).where(
+                    ServiceStatusRow.instance_id == ctx.instance_id
+                )
+            ).scalar()
+        if building is None:
+            raise OperationFailed(f"Instance {ctx.instance_id} no longer exists.")
+        if building.deleted or building.task is not Task.BUILDING:
+            raise OperationFailed(
+                f"Instance {ctx.instance_id} is no longer being built (task {building.task.value})."
+            )
+        observed = observed or ServiceStatus.NEW
+        if observed in (ServiceStatus.FAILED, ServiceStatus.CRASHED):
+            raise OperationFailed(f"The database engine reported {observed.value}.")
+        if observed not in (ServiceStatus.RUNNING, ServiceStatus.HEALTHY):
+            return Wait(0.05)
         inst = self._instance(ctx)
         self._ensure_still_building(inst)
         with transaction(self.cp.session_factory) as session:
-            status = session.get(ServiceStatusRow, inst.id)
-            observed = status.status if status else ServiceStatus.NEW
-            if observed in (ServiceStatus.FAILED, ServiceStatus.CRASHED):
-                raise OperationFailed(f"The database engine reported {observed.value}.")
-            if observed not in (ServiceStatus.RUNNING, ServiceStatus.HEALTHY):
-                return Wait(0.05)
             row = session.get(Instance, inst.id)
             assert row is not None
             row.task = Task.NONE

@@ -17,17 +17,19 @@ died on this host (its pid is gone) is taken over at once; others expire after `
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.db.models import Operation, utcnow
@@ -36,6 +38,10 @@ from coffer.db.session import transaction
 LOG = logging.getLogger(__name__)
 
 LEASE_SECONDS = 30.0
+#: A step asking to run again within this many seconds is re-run by the same worker ...
+INLINE_WAIT_MAX = 0.5
+#: ... for at most this long in all; then it goes back to the queue like a longer wait.
+INLINE_WAIT_BUDGET = 5.0
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
 
@@ -125,56 +131,158 @@ def enqueue(
     return op
 
 
+@dataclass
+class OpTimings:
+    """Where one operation's time went, for its log line: how long it waited to be picked up,
+    then per step the time from its first attempt until it completed (retries and waits
+    included)."""
+
+    kind: str
+    created: datetime
+    queued: float | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+    _first_attempt: dict[str, float] = field(default_factory=dict)
+
+    def begin(self, step: str) -> None:
+        if self.queued is None:
+            self.queued = max(0.0, (utcnow() - self.created).total_seconds())
+        self._first_attempt.setdefault(step, time.monotonic())
+
+    def end(self, step: str) -> None:
+        self.steps[step] = time.monotonic() - self._first_attempt.get(step, time.monotonic())
+
+    def describe(self) -> str:
+        total = (utcnow() - self.created).total_seconds()
+        parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in self.steps.items())
+        return (
+            f"{self.kind} in {total:.3f} s since recorded "
+            f"(picked up after {self.queued or 0.0:.3f} s; steps, s: {parts})"
+        )
+
+
+@dataclass
+class _Current:
+    """The step a worker is about to run, as read (with the lease renewed) in one transaction."""
+
+    flow: Flow
+    step_name: str
+    ctx: Context
+    deadline: datetime | None
+
+
 class Runner:
-    """Claims runnable operations and drives them through their flows."""
+    """Claims runnable operations and drives them through their flows.
+
+    Each step boundary is one transaction: the one that records a step's outcome also renews
+    the lease and reads the next step. A step that asks to run again soon (``Wait`` of at most
+    ``INLINE_WAIT_MAX`` s, a poll) is run again by the same worker, up to ``INLINE_WAIT_BUDGET``
+    s in all, without going back through ``claim``; in between, the operation is only read
+    (is it still ours?), and written only when the step changed its payload or the lease is a
+    third used up. ``stopping`` (set by the taskmanager) cuts those waits short.
+    """
 
     def __init__(self, session_factory: sessionmaker[Session], flows: dict[str, Flow]) -> None:
         self.session_factory = session_factory
         self.flows = flows
         self.owner = owner_id()
+        self.stopping = threading.Event()
         self._not_before: dict[str, float] = {}
+        #: Per operation run here: when it was recorded and each step's time (for the log).
+        self._timings: dict[str, OpTimings] = {}
 
     # -- claiming --------------------------------------------------------------------------------
 
-    def claim(self, limit: int = 8) -> list[str]:
-        """Lease up to ``limit`` runnable operations; return their ids."""
-        now = utcnow()
+    def claim(self, limit: int = 8, exclude: Collection[str] = ()) -> list[str]:
+        """Lease up to ``limit`` runnable operations, not those in ``exclude`` (already being
+        run here); return their ids."""
+        query = (
+            select(
+                Operation.id,
+                Operation.kind,
+                Operation.step,
+                Operation.lease_owner,
+                Operation.lease_until,
+            )
+            .where(Operation.state.in_((PENDING, RUNNING)))
+            .order_by(Operation.created)
+            .limit(200)
+        )
+        # A look first, without the write lock (the dispatch loop asks after every step that
+        # waits or ends, mostly to find nothing new); the claim itself reads again under it.
+        with self.session_factory() as session:
+            if not self._claimable(session.execute(query).all(), limit, exclude):
+                return []
         claimed: list[str] = []
         with transaction(self.session_factory) as session:
-            rows = session.scalars(
-                select(Operation)
-                .where(Operation.state.in_((PENDING, RUNNING)))
-                .order_by(Operation.created)
-                .limit(200)
-                # Row locks keep two taskmanagers on PostgreSQL/MariaDB from claiming one
-                # operation; SQLite is serialised by BEGIN IMMEDIATE instead.
-                .with_for_update(skip_locked=True)
-            ).all()
-            for op in rows:
-                if len(claimed) >= limit:
-                    break
-                if time.monotonic() < self._not_before.get(op.id, 0.0):
-                    continue
-                held_by_other = (
-                    op.lease_owner not in (None, self.owner)
-                    and op.lease_until is not None
-                    and op.lease_until >= now
-                )
-                if held_by_other and not _owner_dead(op.lease_owner or ""):
-                    continue
-                if op.lease_owner not in (None, self.owner):
+            # Row locks keep two taskmanagers on PostgreSQL/MariaDB from claiming one
+            # operation; SQLite is serialised by BEGIN IMMEDIATE instead.
+            rows = session.execute(query.with_for_update(skip_locked=True)).all()
+            now = utcnow()
+            for op_id, kind, step, lease_owner in self._claimable(rows, limit, exclude):
+                if lease_owner not in (None, self.owner):
                     LOG.info(
                         "taking over operation %s (%s, step %s) from %s",
-                        op.id,
-                        op.kind,
-                        op.step,
-                        op.lease_owner,
+                        op_id,
+                        kind,
+                        step,
+                        lease_owner,
                     )
-                op.lease_owner = self.owner
-                op.lease_until = now + timedelta(seconds=LEASE_SECONDS)
-                op.state = RUNNING
-                claimed.append(op.id)
+                claimed.append(op_id)
+                self._not_before.pop(op_id, None)
+            if claimed:
+                session.execute(
+                    update(Operation)
+                    .where(Operation.id.in_(claimed))
+                    .values(
+                        lease_owner=self.owner,
+                        lease_until=now + timedelta(seconds=LEASE_SECONDS),
+                        state=RUNNING,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
         return claimed
+
+    def _claimable(
+        self,
+        rows: Sequence[Row[str, str, str, str | None, datetime | None]],
+        limit: int,
+        exclude: Collection[str],
+    ) -> list[tuple[str, str, str, str | None]]:
+        """``(id, kind, step, lease owner)`` of the rows this runner may claim now."""
+        now = utcnow()
+        mono = time.monotonic()
+        found: list[tuple[str, str, str, str | None]] = []
+        for op_id, kind, step, lease_owner, lease_until in rows:
+            if len(found) >= limit:
+                break
+            if op_id in exclude or mono < self._not_before.get(op_id, 0.0):
+                continue
+            held_by_other = (
+                lease_owner not in (None, self.owner)
+                and lease_until is not None
+                and lease_until >= now
+            )
+            if held_by_other and not _owner_dead(lease_owner or ""):
+                continue
+            found.append((op_id, kind, step, lease_owner))
+        return found
+
+    def renew_leases(self, op_ids: Collection[str]) -> None:
+        """Extend the leases of operations being run here (a step may take longer than a
+        lease, e.g. a prepare call), so no other taskmanager takes them over meanwhile."""
+        if not op_ids:
+            return
+        with transaction(self.session_factory) as session:
+            session.execute(
+                update(Operation)
+                .where(
+                    Operation.id.in_(list(op_ids)),
+                    Operation.lease_owner == self.owner,
+                    Operation.state.in_((PENDING, RUNNING)),
+                )
+                .values(lease_until=utcnow() + timedelta(seconds=LEASE_SECONDS))
+                .execution_options(synchronize_session=False)
+            )
 
     def _renew(self, session: Session, op: Operation) -> bool:
         if op.lease_owner != self.owner:
@@ -182,30 +290,45 @@ class Runner:
         op.lease_until = utcnow() + timedelta(seconds=LEASE_SECONDS)
         return True
 
+    def _ours(self, op: Operation | None) -> bool:
+        return op is not None and op.state in (PENDING, RUNNING) and op.lease_owner == self.owner
+
+    def _current(self, session: Session, op: Operation) -> _Current | None:
+        """The step ``op`` is at (its flow resolved); None when its kind is unknown (failed)."""
+        flow = self.flows.get(op.kind)
+        if flow is None:
+            op.state = FAILED
+            op.error = f"unknown operation kind {op.kind!r}"
+            return None
+        if op.step == "start":
+            op.step = flow.step_names()[0]
+        self._timings.setdefault(op.id, OpTimings(op.kind, op.created))
+        ctx = Context(op.id, op.instance_id, dict(op.payload or {}), op.attempts)
+        return _Current(flow, op.step, ctx, op.deadline)
+
     # -- running ---------------------------------------------------------------------------------
 
     def run_until_blocked(self, op_id: str) -> float | None:
         """Run steps of one claimed operation until it ends or waits; return the wait (seconds)."""
-        while True:
-            with transaction(self.session_factory) as session:
-                op = session.get(Operation, op_id)
-                if op is None or op.state not in (PENDING, RUNNING):
-                    return None
-                if not self._renew(session, op):
-                    return None
-                flow = self.flows.get(op.kind)
-                if flow is None:
-                    op.state = FAILED
-                    op.error = f"unknown operation kind {op.kind!r}"
-                    return None
-                names = flow.step_names()
-                if op.step == "start":
-                    op.step = names[0]
-                step_name = op.step
-                ctx = Context(op.id, op.instance_id, dict(op.payload or {}), op.attempts)
-                deadline = op.deadline
+        current: _Current | None = None
+        with transaction(self.session_factory) as session:
+            op = session.get(Operation, op_id)
+            if op is not None and self._ours(op):
+                self._renew(session, op)
+                current = self._current(session, op)
+        if current is None:
+            self._timings.pop(op_id, None)
+            return None
+        inline_until = time.monotonic() + INLINE_WAIT_BUDGET
+        while current is not None:
+            flow, step_name, ctx = current.flow, current.step_name, current.ctx
+            names = flow.step_names()
+            timings = self._timings.setdefault(op_id, OpTimings(flow.kind, utcnow()))
             step = dict(flow.steps)[step_name]
+            timings.begin(step_name)
+            payload_before = copy.deepcopy(ctx.payload)
             try:
+                deadline = current.deadline
                 if deadline is not None and utcnow() > deadline and step_name != names[-1]:
                     raise OperationFailed(
                         f"The operation did not finish in time (during step {step_name})."
@@ -215,52 +338,101 @@ class Runner:
                 self._finish_failed(op_id, flow, ctx, failure)
                 return None
             except Exception as exc:  # transient: retry with backoff
-                attempts = ctx.attempts + 1
-                LOG.warning(
-                    "operation %s step %s failed (attempt %d/%d): %s",
-                    op_id,
-                    step_name,
-                    attempts,
-                    flow.max_attempts,
-                    exc,
-                    exc_info=LOG.isEnabledFor(logging.DEBUG),
-                )
-                if attempts >= flow.max_attempts:
-                    self._finish_failed(
-                        op_id,
-                        flow,
-                        ctx,
-                        OperationFailed(f"Step {step_name} kept failing: {exc}", repr(exc)),
-                    )
+                return self._step_error(op_id, flow, step_name, ctx, exc)
+            if (
+                isinstance(result, Wait)
+                and result.seconds <= INLINE_WAIT_MAX
+                and time.monotonic() + result.seconds <= inline_until
+                and not self.stopping.is_set()
+            ):
+                if not self._checkpoint(op_id, ctx, ctx.payload != payload_before):
+                    self._timings.pop(op_id, None)
                     return None
-                with transaction(self.session_factory) as session:
-                    op = session.get(Operation, op_id)
-                    if op is not None:
-                        op.attempts = attempts
-                        op.payload = ctx.payload
-                        op.error = str(exc)
-                return min(0.5 * 2**attempts, 10.0)
+                if self.stopping.wait(result.seconds):
+                    return result.seconds
+                continue
             with transaction(self.session_factory) as session:
                 op = session.get(Operation, op_id)
-                if op is None:
+                if op is None or not self._ours(op):
+                    self._timings.pop(op_id, None)
                     return None
                 op.payload = ctx.payload
                 if isinstance(result, Wait):
                     return result.seconds
                 idx = names.index(step_name)
+                timings.end(step_name)
                 op.attempts = 0
                 op.error = None
                 if idx + 1 >= len(names):
                     op.state = DONE
                     op.step = "done"
                     op.lease_owner = None
-                    return None
-                op.step = names[idx + 1]
+                    current = None
+                else:
+                    op.step = names[idx + 1]
+                    self._renew(session, op)
+                    current = self._current(session, op)
+                    inline_until = time.monotonic() + INLINE_WAIT_BUDGET
+        self._log_done(op_id)
+        return None
+
+    def _checkpoint(self, op_id: str, ctx: Context, payload_changed: bool) -> bool:
+        """Between two runs of a polling step in one worker: is the operation still ours?
+        Writes (the payload, a renewed lease) only when there is something to write."""
+        with self.session_factory() as session:
+            op = session.get(Operation, op_id)
+            if op is None or not self._ours(op):
+                return False
+            lease_left = (op.lease_until - utcnow()).total_seconds() if op.lease_until else 0.0
+        if not payload_changed and lease_left > LEASE_SECONDS * 2 / 3:
+            return True
+        with transaction(self.session_factory) as session:
+            op = session.get(Operation, op_id)
+            if op is None or not self._ours(op):
+                return False
+            op.payload = ctx.payload
+            self._renew(session, op)
+        return True
+
+    def _step_error(
+        self, op_id: str, flow: Flow, step_name: str, ctx: Context, exc: Exception
+    ) -> float | None:
+        attempts = ctx.attempts + 1
+        LOG.warning(
+            "operation %s step %s failed (attempt %d/%d): %s",
+            op_id,
+            step_name,
+            attempts,
+            flow.max_attempts,
+            exc,
+            exc_info=LOG.isEnabledFor(logging.DEBUG),
+        )
+        if attempts >= flow.max_attempts:
+            self._finish_failed(
+                op_id,
+                flow,
+                ctx,
+                OperationFailed(f"Step {step_name} kept failing: {exc}", repr(exc)),
+            )
+            return None
+        with transaction(self.session_factory) as session:
+            op = session.get(Operation, op_id)
+            if op is not None:
+                op.attempts = attempts
+                op.payload = ctx.payload
+                op.error = str(exc)
+        return min(0.5 * 2**attempts, 10.0)
+
+    def _log_done(self, op_id: str) -> None:
+        timings = self._timings.pop(op_id, None)
+        if timings is not None:
+            LOG.info("operation %s done: %s", op_id, timings.describe())
 
     def _finish_failed(
         self, op_id: str, flow: Flow, ctx: Context, failure: OperationFailed
     ) -> None:
         LOG.warning("operation %s (%s) failed: %s", op_id, flow.kind, failure.message)
+        self._timings.pop(op_id, None)
         try:
             flow.fail(ctx, failure)
         finally:
@@ -277,3 +449,14 @@ class Runner:
 
     def forget(self, op_id: str) -> None:
         self._not_before.pop(op_id, None)
+
+    def next_due(self, longest: float) -> float:
+        """Seconds until an operation deferred here may run again (at most ``longest``)."""
+        now = time.monotonic()
+        soonest = longest
+        for op_id, at in list(self._not_before.items()):
+            if at > now:
+                soonest = min(soonest, at - now)
+            elif at < now - LEASE_SECONDS:
+                self._not_before.pop(op_id, None)  # ended elsewhere; nothing to wait for
+        return soonest

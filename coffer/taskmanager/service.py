@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy import select
@@ -24,11 +25,15 @@ from coffer.status import ServerStatus, Task
 from coffer.taskmanager.backups import BackupFlows
 from coffer.taskmanager.day2 import Day2Flows
 from coffer.taskmanager.instances import InstanceFlows
-from coffer.taskmanager.operations import PENDING, RUNNING, Runner
+from coffer.taskmanager.operations import LEASE_SECONDS, PENDING, RUNNING, Runner
+from coffer.taskmanager.schedules import Scheduler
 
 LOG = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+#: Operations run at once. A create holds its worker while its guest prepares (an RPC call),
+#: so this bounds how many creates make progress together; threads mostly wait on I/O.
+WORKERS = 32
 
 
 class TaskManager:
@@ -36,7 +41,7 @@ class TaskManager:
 
     rpc_methods = frozenset({"wake"})
 
-    def __init__(self, cp: ControlPlane, compute: ComputeDriver, workers: int = 16) -> None:
+    def __init__(self, cp: ControlPlane, compute: ComputeDriver, workers: int = WORKERS) -> None:
         self.cp = cp
         self.compute = compute
         self.day2 = Day2Flows(cp, compute)
@@ -48,6 +53,9 @@ class TaskManager:
                 **BackupFlows(cp).flows(),
             },
         )
+        self.schedules = Scheduler(cp.session_factory, cp.settings, wake=self.wake)
+        self._workers = workers
+        self._renewed_at = 0.0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tm-op")
         self._inflight: dict[str, Future[None]] = {}
         self._inflight_lock = threading.Lock()
@@ -81,6 +89,7 @@ class TaskManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self.runner.stopping.set()
         self._wake.set()
         if self._server is not None:
             self._server.stop()
@@ -102,13 +111,19 @@ class TaskManager:
                     self._wake.set()
             except Exception:
                 LOG.exception("could not check configuration groups; will try again")
+            try:
+                # Backup schedules: due slots run, finished runs get their retention applied.
+                self.schedules.tick_if_due()
+            except Exception:
+                LOG.exception("could not run backup schedules; will try again")
             self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
 
     def _next_wait(self) -> float:
-        with self._inflight_lock:
-            busy = bool(self._inflight)
-        return 0.05 if busy else POLL_SECONDS
+        # Workers keep their operations through short polls (see Runner), and wake the loop
+        # when one ends or waits longer; the loop need only look again when a deferred
+        # operation is due, or at the poll that catches what no wake announced.
+        return max(0.01, self.runner.next_due(POLL_SECONDS))
 
     def _dispatch(self) -> None:
         with self._inflight_lock:
@@ -116,8 +131,15 @@ class TaskManager:
             for op_id in done:
                 self._inflight.pop(op_id)
             busy = set(self._inflight)
-        for op_id in self.runner.claim(limit=32):
-            if op_id in busy or self._stop.is_set():
+        now = time.monotonic()
+        if busy and now - self._renewed_at >= LEASE_SECONDS / 3:
+            self.runner.renew_leases(busy)
+            self._renewed_at = now
+        free = self._workers - len(busy)
+        if free <= 0:
+            return
+        for op_id in self.runner.claim(limit=free, exclude=busy):
+            if self._stop.is_set():
                 continue
             with self._inflight_lock:
                 self._inflight[op_id] = self._pool.submit(self._run, op_id)

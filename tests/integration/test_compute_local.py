@@ -649,3 +649,28 @@ def test_allocation_on_postgresql_races_and_recovers_from_a_stale_read(
     monkeypatch.setattr(addresses, "_used", lambda session, pool: set())
     with transaction(postgres_factory) as session:
         assert driver.allocate_addresses(session, "late", False) == (f"127.10.0.{count + 1}", None)
+
+
+def test_a_slow_delete_does_not_hold_up_the_create_of_another_instance(env: Env) -> None:
+    # Locks are per instance: while one instance's delete waits for an agent that ignores
+    # SIGTERM, another instance is created (and its supervisor started) at once.
+    driver = env.driver(stop_timeout=6)
+    env.create(driver, "inst-a", engine=True, ignore_sigterm=True)
+    _wait_for(lambda: _read_pid(env.state / "instances" / "inst-a" / "run" / "stub-agent.pid"))
+    deleting = threading.Thread(
+        target=driver.delete_server, args=("inst-a",), kwargs={"timeout": 4}
+    )
+    deleting.start()
+    try:
+        time.sleep(0.5)  # the delete is now waiting for the agent, which ignores SIGTERM
+        assert deleting.is_alive()
+        started = time.monotonic()
+        info = env.create(driver, "inst-b")
+        took = time.monotonic() - started
+        assert info.running and info.supervisor_pid
+        assert deleting.is_alive(), "the delete ended before the create could show anything"
+        assert took < 3, f"the create waited {took:.1f} s behind another instance's delete"
+    finally:
+        deleting.join(timeout=30)
+    assert not (env.state / "instances" / "inst-a").exists()
+    assert driver.list_servers() == ["inst-b"]
