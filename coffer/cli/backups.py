@@ -286,8 +286,33 @@ def follow_backup(api: Api, backup_id: str, sleep: Callable[[float], None] = tim
     return False
 
 
-def follow_restore(api: Api, instance_id: str, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Follow an instance being built from a backup until it is ACTIVE (True) or ERROR."""
+def chain_bytes(api: Api, backup_id: str) -> int | None:
+    """The engine bytes of ``backup_id``'s chain (it and the parents it builds on), which is
+    what a restore of it writes; None when a link's size is unknown."""
+    total = 0
+    seen: set[str] = set()
+    current: str | None = backup_id
+    while current and current not in seen:
+        seen.add(current)
+        backup = api.call("GET", f"/backups/{current}")["backup"]
+        raw = backup.get("raw_size_bytes")
+        if not raw:
+            return None
+        total += int(raw)
+        current = backup.get("parent_id")
+    return total
+
+
+def follow_restore(
+    api: Api,
+    instance_id: str,
+    sleep: Callable[[float], None] = time.sleep,
+    backup_id: str | None = None,
+) -> bool:
+    """Follow an instance being built from a backup until it is ACTIVE (True) or ERROR.
+
+    A small restore can end before the first look sees its ``restore`` field; the total then
+    comes from the backup's chain when ``backup_id`` is known."""
     console = Console(stderr=True)
     started = time.monotonic()
     total = None
@@ -305,6 +330,8 @@ def follow_restore(api: Api, instance_id: str, sleep: Callable[[float], None] = 
                 break
             sleep(POLL_SECONDS)
     elapsed = max(time.monotonic() - started, 1e-6)
+    if inst["status"] == "ACTIVE" and total is None and backup_id is not None:
+        total = chain_bytes(api, backup_id)
     if inst["status"] == "ACTIVE":
         rate = f" ({_mb(total / elapsed)}/s)" if total else ""
         click.echo(
@@ -474,7 +501,7 @@ def restore(
     instance_id = api.call("POST", "/instances", json=body)["instance"]["id"]
     click.echo(f"Restoring backup {backup_id} into instance {instance_id}.")
     if not no_wait:
-        sys.exit(0 if follow_restore(api, instance_id) else 1)
+        sys.exit(0 if follow_restore(api, instance_id, backup_id=backup_id) else 1)
 
 
 @backup.command("follow-restore")

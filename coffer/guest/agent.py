@@ -248,6 +248,9 @@ class GuestAgent:
                 LOG.info("addresses or sizing changed; restarting the engine to apply them")
                 self.datastore.stop()
             self.spec, self.datastore = spec, datastore
+            # The volume may have grown: the next heartbeat measures it again instead of
+            # reporting the old total over the one the taskmanager recorded.
+            self._volume = None
             if self.prepared and self._desired() == "running":
                 datastore.start()  # after a stop: a fresh start; else adopts (and reloads)
             status = datastore.status()

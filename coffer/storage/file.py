@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import secrets
@@ -206,8 +207,13 @@ class FileStorage(BackupStorage):
         )
 
     def _delete(self, key: str) -> None:
+        final = self._path(key)
+        # Partial uploads of the key (a writer killed before its rename) go with it.
+        for partial in self.directory.glob(f".{glob.escape(final.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
         try:
-            os.unlink(self._path(key))
+            os.unlink(final)
         except FileNotFoundError:
             return
         except OSError as exc:

@@ -391,6 +391,33 @@ def prune_archive(cp: ControlPlane, storage: BackupStorage, instance_id: str) ->
     return len(doomed)
 
 
+def purge_unfinished_objects(cp: ControlPlane, instance_id: str) -> None:
+    """Remove what the instance's unfinished backups left in storage, once its guest is gone.
+
+    A backup that fails because its instance is being deleted is ended before the guest is
+    stopped, so the guest may still have been writing it; what it wrote (a partial upload) is
+    removed here, after the server is deleted. Best effort: a storage error is logged, and the
+    delete goes on."""
+    with cp.session_factory() as session:
+        keys_left = list(
+            session.scalars(
+                select(Backup.storage_key).where(
+                    Backup.instance_id == instance_id,
+                    Backup.state.not_in([BackupState.COMPLETED, BackupState.RESTORED]),
+                )
+            )
+        )
+    if not keys_left:
+        return
+    try:
+        with open_storage(cp.settings) as storage:
+            for key in keys_left:
+                if key:
+                    storage.delete(key)
+    except (StorageError, OSError) as exc:
+        LOG.warning("instance %s: partial backup objects not removed: %s", instance_id, exc)
+
+
 class BackupFlows:
     """Builds the backup flows and the restore step bound to one control plane."""
 

@@ -23,7 +23,7 @@ from coffer.db.models import (
 from coffer.db.session import transaction
 from coffer.errors import CofferError, RemoteError, RpcTimeout
 from coffer.status import ServerStatus, ServiceStatus, Task
-from coffer.taskmanager.backups import RestoreStep
+from coffer.taskmanager.backups import RestoreStep, purge_unfinished_objects
 from coffer.taskmanager.operations import NEXT, Context, Flow, OperationFailed, StepResult, Wait
 
 LOG = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ class InstanceFlows:
     def delete_server(self, ctx: Context) -> StepResult:
         assert ctx.instance_id is not None
         self.compute.delete_server(ctx.instance_id)
+        purge_unfinished_objects(self.cp, ctx.instance_id)
         return NEXT
 
     def release(self, ctx: Context) -> StepResult:

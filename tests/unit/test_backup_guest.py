@@ -88,7 +88,7 @@ def test_mariabackup_checkpoints_give_the_lsns(tmp_path: Path) -> None:
 
 def test_handlers_by_manager() -> None:
     assert supports_incremental("mariadb") is True
-    assert supports_incremental("postgresql") is False
+    assert supports_incremental("postgresql") is True
     assert handler_class("redis").manager == "redis"
     with pytest.raises(NotImplementedByDatastore):
         handler_class("cassandra")
