@@ -8,74 +8,30 @@ in the fixture's finaliser even when a test fails.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import shutil
-import signal
-import socket
-import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import engine_fixtures
 import pymysql
+from engine_fixtures import engine_pids, kill_engines
 
 from coffer.guest.datastores.base import EngineSpec
 from coffer.guest.datastores.mariadb import MariaDBDatastore
 from coffer.guest.layout import InstanceLayout
+
+__all__ = ["engine_pids", "kill_engines"]
 
 PORT = 3306
 
 
 def free_loopback_address(prefix: str) -> str:
     """An address ``<prefix>.N`` on which nothing listens on port 3306 yet."""
-    for _ in range(50):
-        address = f"{prefix}.{random.randint(2, 254)}"
-        with socket.socket() as probe:
-            try:
-                probe.bind((address, PORT))
-            except OSError:
-                continue
-            return address
-    raise RuntimeError(f"no free address in {prefix}.0/24 for port {PORT}")
+    return engine_fixtures.free_loopback_address(prefix, PORT)
 
 
-@contextlib.contextmanager
-def instance_root() -> Iterator[Path]:
-    """A fresh directory the engine user can reach (pytest's own tmp dirs are root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="coffer-mariadb-", dir="/tmp"))
-    try:
-        base.chmod(0o711)
-        yield base / "instance"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def engine_pids(marker: str) -> list[int]:
-    """PIDs of live processes whose argv contains ``marker`` (an instance's config path)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X") and marker.encode() in args:
-            found.append(int(entry.name))
-    return found
-
-
-def kill_engines(marker: str) -> None:
-    """SIGKILL whatever engine of this instance survived its ``stop()``, and wait for it."""
-    for pid in engine_pids(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while engine_pids(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def instance_root() -> contextlib.AbstractContextManager[Path]:
+    """A fresh directory the engine user can reach, removed afterwards."""
+    return engine_fixtures.instance_root("coffer-mariadb-")
 
 
 @dataclass

@@ -15,90 +15,34 @@ psycopg one.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import shutil
-import signal
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import engine_fixtures
 import psycopg
+from engine_fixtures import engine_pids, engine_tree, kill_engines
 
 from coffer.guest.datastores.base import EngineSpec
 from coffer.guest.datastores.postgresql import PostgreSQLDatastore
 from coffer.guest.layout import InstanceLayout
+
+__all__ = ["engine_pids", "engine_tree", "kill_engines"]
 
 PORT = 5432
 
 
 def free_loopback_address(prefix: str, avoid: tuple[int, ...] = ()) -> str:
     """An address ``<prefix>.N`` on which nothing listens on port 5432 yet."""
-    for _ in range(50):
-        last = random.randint(2, 254)
-        if last in avoid:
-            continue
-        address = f"{prefix}.{last}"
-        with socket.socket() as probe:
-            try:
-                probe.bind((address, PORT))
-            except OSError:
-                continue
-            return address
-    raise RuntimeError(f"no free address in {prefix}.0/24 for port {PORT}")
+    return engine_fixtures.free_loopback_address(prefix, PORT, avoid)
 
 
-@contextlib.contextmanager
-def instance_root() -> Iterator[Path]:
-    """A fresh directory the engine user can reach (pytest's own tmp dirs are root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="coffer-pg-", dir="/tmp"))
-    try:
-        base.chmod(0o711)
-        yield base / "instance"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _live_processes() -> Iterator[tuple[int, int, list[bytes]]]:
-    """(pid, parent pid, argv) of every live process."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in ("Z", "X"):
-            yield int(entry.name), int(fields[1]), args
-
-
-def engine_pids(marker: str) -> list[int]:
-    """PIDs of live postmasters whose argv contains ``marker`` (an instance's config path)."""
-    return [pid for pid, _, args in _live_processes() if marker.encode() in args]
-
-
-def engine_tree(marker: str) -> list[int]:
-    """The postmasters carrying ``marker`` and their children (backends, checkpointer...)."""
-    processes = list(_live_processes())
-    tree = {pid for pid, _, args in processes if marker.encode() in args}
-    tree |= {pid for pid, parent, _ in processes if parent in tree}
-    return sorted(tree)
-
-
-def kill_engines(marker: str) -> None:
-    """SIGKILL whatever is left of this instance's engine after ``stop()``, and wait for it."""
-    for pid in engine_tree(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while engine_tree(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def instance_root() -> contextlib.AbstractContextManager[Path]:
+    """A fresh directory the engine user can reach, removed afterwards."""
+    return engine_fixtures.instance_root("coffer-pg-")
 
 
 def wait_children_gone(pids: list[int], timeout: float = 10) -> None:

@@ -8,16 +8,13 @@ in the fixture's finaliser even when a test fails.
 from __future__ import annotations
 
 import contextlib
-import random
-import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import engine_fixtures
 import redis
-from mariadb_fixtures import engine_pids, kill_engines
+from engine_fixtures import engine_pids, kill_engines
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -33,26 +30,12 @@ MIB = 1024 * 1024
 
 def free_loopback_address(prefix: str) -> str:
     """An address ``<prefix>.N`` on which nothing listens on port 6379 yet."""
-    for _ in range(50):
-        address = f"{prefix}.{random.randint(2, 254)}"
-        with socket.socket() as probe:
-            try:
-                probe.bind((address, PORT))
-            except OSError:
-                continue
-            return address
-    raise RuntimeError(f"no free address in {prefix}.0/24 for port {PORT}")
+    return engine_fixtures.free_loopback_address(prefix, PORT)
 
 
-@contextlib.contextmanager
-def instance_root() -> Iterator[Path]:
-    """A fresh directory the engine user can reach (pytest's own tmp dirs are root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="coffer-redis-", dir="/tmp"))
-    try:
-        base.chmod(0o711)
-        yield base / "instance"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def instance_root() -> contextlib.AbstractContextManager[Path]:
+    """A fresh directory the engine user can reach, removed afterwards."""
+    return engine_fixtures.instance_root("coffer-redis-")
 
 
 def make_spec(
