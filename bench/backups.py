@@ -22,6 +22,7 @@ MB are 10^6 bytes; higher is better.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import subprocess
@@ -42,12 +43,14 @@ from bench.provision import CREATE_TIMEOUT, EngineChoice, address_of
 from bench.report import BenchmarkResult, Metric
 from coffer.storage.file import FileStorage
 
-#: Flavor and volume (GB) of the measured instances: the quick dataset fits the smallest flavor,
-#: a 1 GiB one needs m1.medium's memory (Redis keeps its dataset in RAM).
-SMALL = ("6", 1)
-LARGE = ("3", 5)
+#: Flavor, volume (GB), and the flavor's RAM (MB) and vCPUs of the measured instances, Coffer's
+#: and the raw tools' alike: the quick dataset fits the smallest flavor, a 1 GiB one needs
+#: m1.medium's memory (Redis keeps its dataset in RAM).
+SMALL = ("6", 1, 256, 1)
+LARGE = ("3", 5, 2048, 2)
 BACKUP_TIMEOUT = 1800.0
 _CHUNK = 1 << 20
+LOG = logging.getLogger("bench")
 _HALF_TEXT = "abcdefghij" * 100
 
 
@@ -140,7 +143,7 @@ def coffer_restore(
     engine: EngineChoice,
     backup: dict[str, Any],
     creds: Credentials | None,
-    flavor: tuple[str, int],
+    flavor: tuple[str, int, int, int],
 ) -> tuple[str, float]:
     """Restore ``backup`` into a new instance; (its id, seconds until the user logs in)."""
     started = time.perf_counter()
@@ -353,6 +356,7 @@ def bench_backups(
     flavor = SMALL if size_mb <= 64 else LARGE
     scratch = workspace.subdir("backup-bench")
     store = FileStorage(scratch / "raw-store")
+    failures: list[str] = []
     for engine in engines:
         if "backup" not in engine.capabilities:
             result.skipped.append(f"{engine.manager}: the plugin takes no backups")
@@ -376,6 +380,9 @@ def bench_backups(
                 workspace.subdir(f"rb-{engine.manager}", for_engine=True),
                 workspace.raw_block.take(),
                 workspace.user,
+                ram_mb=flavor[2],
+                vcpus=flavor[3],
+                volume_gb=flavor[1],
             )
             raw_creds = engine.credentials()
             raw.provision(raw_creds, time.monotonic() + CREATE_TIMEOUT)
@@ -384,6 +391,11 @@ def bench_backups(
             raw_bytes, raw_backup_seconds = raw_backup(raw, store, key, scratch)
             raw_restore_seconds = raw_restore(engine.manager, store, key, scratch)
             store.delete(key)
+        except Exception as exc:
+            # One engine's failure is reported; the other engines are still measured.
+            LOG.error("backup benchmark for %s failed: %s", engine.manager, _describe(exc))
+            failures.append(f"{engine.manager}: {_describe(exc)}")
+            continue
         finally:
             for instance_id in made:
                 api.delete(instance_id)
@@ -418,7 +430,16 @@ def bench_backups(
                 note=size_note,
             )
         )
+    if failures:
+        result.error = "; ".join(failures)
     return result
+
+
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one printable line: engines' errors can quote binary values."""
+    text = f"{type(exc).__name__}: {exc}"
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _RAW_BACKUP_LABELS = {

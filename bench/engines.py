@@ -164,10 +164,22 @@ class RawEngine(ABC):
     port: ClassVar[int]
     label: ClassVar[str]
 
-    def __init__(self, root: Path, address: str, user: EngineUser) -> None:
+    def __init__(
+        self,
+        root: Path,
+        address: str,
+        user: EngineUser,
+        ram_mb: int = FLAVOR_RAM_MB,
+        vcpus: int = FLAVOR_VCPUS,
+        volume_gb: int = 1,
+    ) -> None:
         self.root = root
         self.address = address
         self.user = user
+        #: The flavor this server is sized for, with the same sizing rules as Coffer's plugin.
+        self.ram_mb = ram_mb
+        self.vcpus = vcpus
+        self.volume_gb = volume_gb
         self.process: subprocess.Popen[bytes] | None = None
 
     @abstractmethod
@@ -276,7 +288,7 @@ class RawMariaDB(RawEngine):
             "performance-schema": "OFF",
             "table-open-cache": "400",
             "thread-cache-size": "8",
-            **memory_settings(FLAVOR_RAM_MB, FLAVOR_VCPUS),
+            **memory_settings(self.ram_mb, self.vcpus),
         }
         return "[mariadbd]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
 
@@ -329,14 +341,13 @@ class RawPostgreSQL(RawEngine):
     port = 5432
     label = "initdb + postgres + CREATE ROLE/DATABASE"
 
-    @staticmethod
-    def _memory_settings() -> dict[str, str]:
+    def _memory_settings(self) -> dict[str, str]:
         # The flavor sizing of Coffer's plugin, so both servers are the same size.
         try:
             from coffer.guest.datastores.postgresql import memory_settings
         except ImportError:
-            return {"shared_buffers": f"{FLAVOR_RAM_MB // 4}MB"}
-        return memory_settings(FLAVOR_RAM_MB, FLAVOR_VCPUS, 1)
+            return {"shared_buffers": f"{self.ram_mb // 4}MB"}
+        return memory_settings(self.ram_mb, self.vcpus, self.volume_gb)
 
     def provision(self, creds: Credentials | None, deadline: float) -> None:
         self._address_free()
@@ -416,13 +427,12 @@ class RawRedis(RawEngine):
     port = 6379
     label = "redis-server + ACL SETUSER"
 
-    @staticmethod
-    def _memory_settings() -> dict[str, str]:
+    def _memory_settings(self) -> dict[str, str]:
         try:
             from coffer.guest.datastores.redis import memory_settings
         except ImportError:
-            return {"maxmemory": f"{FLAVOR_RAM_MB * 3 // 4}mb"}
-        return memory_settings(FLAVOR_RAM_MB)
+            return {"maxmemory": f"{self.ram_mb * 3 // 4}mb"}
+        return memory_settings(self.ram_mb)
 
     def provision(self, creds: Credentials | None, deadline: float) -> None:
         self._address_free()
