@@ -146,7 +146,7 @@ class Engine:
 ENGINES = [
     Engine("mariadb", _mariadb_run, _mariadb_rows, incremental=True, users_in_backup=True),
     Engine("postgresql", _pg_run, _pg_rows, incremental=True, users_in_backup=True),
-    Engine("redis", _redis_run, _redis_rows, incremental=False, users_in_backup=False),
+    Engine("redis", _redis_run, _redis_rows, incremental=True, users_in_backup=False),
 ]
 
 

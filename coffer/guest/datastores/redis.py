@@ -16,9 +16,10 @@ Choices, and why:
   most about a second of writes when the host crashes, at a cost a database can carry (fsync on
   every write would make each write wait for the disk; ``no`` leaves it to the kernel, ~30 s).
   RDB snapshots (Redis's default save points: an hour after 1 change, 5 minutes after 100, a
-  minute after 10,000) add compact point-in-time files for backups. At start Redis loads the
-  AOF, which is the more complete of the two; the AOF's base file uses the RDB format, so loading
-  is fast.
+  minute after 10,000) stay on as a second copy. At start Redis loads the AOF, which is the more
+  complete of the two; the AOF's base file uses the RDB format, so loading is fast. Backups,
+  full and incremental, are taken from the AOF (``coffer.guest.backup.redis``); Redis's own
+  automatic AOF rewrites stay on (each one makes the next incremental backup self-contained).
 * **Memory: ``maxmemory`` is 75% of the flavor's RAM** (256 MB -> 192 MB), leaving room for the
   server's own buffers and for the copy-on-write pages of a background save or AOF rewrite.
   The policy is ``noeviction``: this is a database, so a full instance refuses writes with an
@@ -30,12 +31,12 @@ Choices, and why:
   MONITOR, CLIENT KILL/LIST, SAVE, replication, MIGRATE, RESTORE). Redis keeps only SHA-256
   hashes of passwords in ``users.acl``. A user has no host (Redis cannot restrict by client
   address) and no databases (see ``redis_rules``).
-* **Root is the built-in ``default`` user.** It is off (``-@all``, no password) until root is
-  enabled; enabling sets its password and turns it on with every command; disabling turns it
-  off again and closes its connections. Even root cannot change ``dir``/``dbfilename`` or use
-  DEBUG and MODULE: the config disables them (``enable-protected-configs``,
-  ``enable-debug-command``, ``enable-module-command``), because they would let it write files
-  as the engine's OS user, which other instances share.
+* **Root is the built-in ``default`` user.** It is off, with no password, until root is
+  enabled (it keeps every command: see ``DISABLED_ROOT_RULES``); enabling sets its password
+  and turns it on; disabling turns it off again and closes its connections. Even root cannot
+  change ``dir``/``dbfilename`` or use DEBUG and MODULE: the config disables them
+  (``enable-protected-configs``, ``enable-debug-command``, ``enable-module-command``), because
+  they would let it write files as the engine's OS user, which other instances share.
 * **The agent's admin ``os_admin``** has every command. Its password is generated once per
   instance (``secrets/os_admin.password``, 0600) and its line in ``users.acl`` is written again
   at every start, so a lost or changed admin account (root can edit ACLs) and a volume copied
@@ -109,8 +110,12 @@ TENANT_RULES = (
 #: Root and the agent's admin: every command (the config still disables DEBUG, MODULE and the
 #: protected configs).
 SUPERUSER_RULES = ("~*", "&*", "+@all")
-#: The ``default`` user while root is disabled: cannot log in, and could do nothing if it did.
-DISABLED_ROOT_RULES = ("off", "resetpass", "resetkeys", "resetchannels", "-@all")
+#: The ``default`` user while root is disabled: off and without a password, so no client can
+#: log in as it (a client that does not AUTH gets NOAUTH). It keeps every command and key anyway:
+#: Redis 7.0 replays the AOF as ``default``, and its EXEC checks the queued commands against
+#: that user's rules, so with ``-@all`` every MULTI/EXEC in the AOF (transactions, scripts) was
+#: silently dropped at each start (redis/redis#14541, fixed after 7.0).
+DISABLED_ROOT_RULES = ("off", "resetpass", "~*", "&*", "+@all")
 
 # sockaddr_un holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -295,6 +300,8 @@ class RedisDatastore(Datastore):
             if len(words) >= 2 and words[0] == "user" and words[1] == ADMIN_USER:
                 continue
             if len(words) >= 2 and words[0] == "user" and words[1] == ROOT_USER:
+                if "on" not in words[2:]:
+                    continue  # disabled root: written afresh below (older rules lost MULTI/EXEC)
                 has_default = True
             if words:
                 kept.append(line.strip())
