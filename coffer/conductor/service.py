@@ -29,7 +29,7 @@ from coffer.conductor.ingest import ReportIngester
 from coffer.controlplane import CONDUCTOR_TOPIC, ControlPlane
 from coffer.db.models import ConductorLastSeen, Instance, ServiceStatusRow
 from coffer.db.session import transaction
-from coffer.errors import NotFound, SealError
+from coffer.errors import NotFound, SealError, ValidationError
 from coffer.status import ServiceStatus
 
 LOG = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class SequenceGuard:
 class Conductor:
     """RPC endpoints for guest reports. ``instance_id`` is checked against the sealed sender."""
 
-    rpc_methods = frozenset({"heartbeat", "update_backup", "update_archive"})
+    rpc_methods = frozenset({"heartbeat", "update_backup", "update_archive", "update_restore"})
 
     def __init__(self, cp: ControlPlane, topic: str = CONDUCTOR_TOPIC) -> None:
         self.cp = cp
@@ -198,6 +198,56 @@ class Conductor:
                 return
             apply_archive_report(session, instance_id, segment, lsn, time)
 
+    def update_restore(
+        self,
+        instance_id: str,
+        sent_at: float,
+        phase: str,
+        verified_bytes: int,
+        restored_bytes: int,
+        total_bytes: int | None = None,
+        rate: int = 0,
+    ) -> None:
+        """Record how far the restore of a guest's own instance has got
+        (``coffer.backup.progress.RestoreMeter``): the latest report replaces the one before
+        (the sequence guard has already dropped older ones). ValidationError for figures that
+        are not counts; reports for deleted instances are ignored."""
+        from coffer.backup.progress import RESTORE_PHASES
+        from coffer.db.models_restore import RestoreProgress
+
+        counts = (verified_bytes, restored_bytes, rate) + (
+            () if total_bytes is None else (total_bytes,)
+        )
+        if phase not in RESTORE_PHASES or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+        ):
+            raise ValidationError("A restore progress report holds an unknown phase or count.")
+        reported = datetime.fromtimestamp(sent_at, UTC).replace(tzinfo=None)
+        for attempt in (1, 2):
+            try:
+                with transaction(self.cp.session_factory) as session:
+                    inst = session.get(Instance, instance_id)
+                    if inst is None or inst.deleted:
+                        return
+                    row = session.get(RestoreProgress, instance_id)
+                    if row is None:
+                        row = RestoreProgress(instance_id=instance_id)
+                        session.add(row)
+                    elif row.reported_at > reported:
+                        # Two consumers may take two reports of one restore at once (the Redis
+                        # bus): the one sent later stays.
+                        return
+                    row.phase = phase
+                    row.verified_bytes = verified_bytes
+                    row.restored_bytes = restored_bytes
+                    row.total_bytes = total_bytes
+                    row.rate = rate
+                    row.reported_at = reported
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise  # the row was made by the other report; the next report applies
+
     def record_heartbeats(self, reports: Sequence[heartbeats.HeartbeatReport]) -> list[bool]:
         """Apply checked heartbeats in order, in one transaction (sequence guard included);
         whether each passed the guard. See ``coffer.conductor.heartbeats``."""
@@ -260,6 +310,10 @@ class _SenderBound:
     def update_archive(self, **kwargs: Any) -> None:
         self._check_sender(kwargs)
         self._conductor.update_archive(**kwargs)
+
+    def update_restore(self, **kwargs: Any) -> None:
+        self._check_sender(kwargs)
+        self._conductor.update_restore(**kwargs)
 
     @staticmethod
     def _check_sender(kwargs: dict[str, Any]) -> None:

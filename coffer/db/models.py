@@ -312,5 +312,6 @@ from coffer.db import (  # noqa: E402, F401
     models_archive,
     models_backups,
     models_day2,
+    models_restore,
     models_schedules,
 )

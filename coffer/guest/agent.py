@@ -131,6 +131,7 @@ class GuestAgent:
                 self._report_backup,
                 lambda: self.prepared,
                 archive_report=self._report_archive,
+                restore_report=self._report_restore,
             )
         return self._backup_worker
 
@@ -313,6 +314,11 @@ class GuestAgent:
     def _report_archive(self, extent: dict[str, Any]) -> None:
         self._conductor.cast(
             "update_archive", instance_id=self.instance_id, sent_at=time.time(), **extent
+        )
+
+    def _report_restore(self, fields: dict[str, Any]) -> None:
+        self._conductor.cast(
+            "update_restore", instance_id=self.instance_id, sent_at=time.time(), **fields
         )
 
     def guest_log_list(self, **options: Any) -> list[dict[str, Any]]:

@@ -1,9 +1,13 @@
 """The guest side of backups against real engines: mariabackup, pg_basebackup and Redis RDB
-snapshots streamed through the sealed pipeline into the ``file`` storage driver, and restored into
-new data directories that hold exactly the rows of each backup's moment.
+snapshots streamed through the sealed pipeline into each storage driver (``file``, S3 on a real
+Swift, native Swift), and restored into new data directories that hold exactly the rows of each
+backup's moment; incremental backups where the engine has them (MariaDB: mariabackup's changed
+pages; PostgreSQL: the WAL since the parent, read back from the log archive).
 
 These drive ``BackupWorker`` (what the guest agent runs) directly on real datastores; the API and
-taskmanager path is covered by ``test_backups_api.py``.
+taskmanager path is covered by ``test_backups_api.py``. As the taskmanager does, every backup of an
+engine with a log archive carries the instance's archive settings, so the worker's archiver runs
+for the source the way it runs in a guest, into the same store as the backups.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pytest
 import redis_fixtures
 from swift_harness import Swift, running_swift
 
+from coffer.guest.backup import supports_point_in_time
+from coffer.guest.backup.archive import ArchiveTarget
 from coffer.guest.backup.worker import BackupWorker, open_storage
 from coffer.guest.datastores.base import Datastore
 from coffer.guest.datastores.mariadb import MariaDBDatastore
@@ -112,7 +118,14 @@ class Engine:
     marker: Callable[[Any], str]
     write: Callable[[Datastore, list[tuple[str, tuple[Any, ...]]]], None]
     read: Callable[[Datastore], Rows]
+    #: Whether the second backup of the round trip is an incremental built on the first.
     incremental: bool
+
+    @property
+    def archives(self) -> bool:
+        """Whether the guest archives this engine's log from its first backup on (and a
+        PostgreSQL incremental is read back from that archive)."""
+        return supports_point_in_time(self.name)
 
 
 ENGINES = [
@@ -124,7 +137,7 @@ ENGINES = [
         lambda ds: f"--defaults-file={ds.config_file}",
         _mariadb_write,
         _mariadb_read,
-        True,
+        incremental=True,
     ),
     Engine(
         "postgresql",
@@ -134,7 +147,7 @@ ENGINES = [
         lambda ds: f"--config-file={ds.config_file}",
         _pg_write,
         _pg_read,
-        False,
+        incremental=True,
     ),
     Engine(
         "redis",
@@ -144,9 +157,13 @@ ENGINES = [
         lambda ds: str(ds.config_file),
         _redis_write,
         _redis_read,
-        False,
+        incremental=True,
     ),
 ]
+INCREMENTAL = [e for e in ENGINES if e.incremental]
+
+#: Where the source's log archive goes in the store, as ``<project>/archive/<instance id>``.
+ARCHIVE_PREFIX = "demo/archive/source-1"
 
 
 class Instances:
@@ -158,6 +175,7 @@ class Instances:
         self.base = Path(tempfile.mkdtemp(prefix=f"coffer-bk-{engine.name}-", dir="/tmp"))
         self.base.chmod(0o711)
         self.made: list[Datastore] = []
+        self.workers: list[BackupWorker] = []
 
     def new(self, name: str) -> Datastore:
         address = self.engine.fixtures.free_loopback_address(self.engine.prefix)
@@ -168,6 +186,8 @@ class Instances:
 
     def close(self) -> None:
         try:
+            for worker in self.workers:
+                worker.stop_archiving()
             for datastore in self.made:
                 with contextlib.suppress(Exception):
                     datastore.stop(timeout=20)
@@ -208,6 +228,7 @@ def _backup(
     backup_id: str,
     key: bytes,
     parent: dict[str, Any] | None = None,
+    archive: ArchiveTarget | None = None,
 ) -> dict[str, Any]:
     worker.start_backup(
         backup_id,
@@ -216,6 +237,7 @@ def _backup(
         base64.b64encode(key).decode(),
         parent=parent,
         metadata={"backup-id": backup_id},
+        archive=archive.to_request() if archive is not None else None,
     )
     result: dict[str, Any] = _wait(lambda: worker.backup_status(backup_id), {"completed", "failed"})
     assert result["state"] == "completed", result
@@ -233,15 +255,41 @@ def _link(backup_id: str, key: bytes, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restore(
-    instances: Instances, name: str, chain: list[dict[str, Any]], storage: dict[str, Any]
+    instances: Instances,
+    name: str,
+    chain: list[dict[str, Any]],
+    storage: dict[str, Any],
+    progress: list[dict[str, Any]] | None = None,
 ) -> tuple[Datastore, dict[str, Any]]:
+    """Restore ``chain`` into a new datastore; its progress reports go to ``progress``."""
     datastore = instances.new(name)
     state = instances.base / f"{name}-state"
     state.mkdir()
-    worker = BackupWorker(lambda: datastore, state, Reports(), prepared=lambda: False)
+    worker = BackupWorker(
+        lambda: datastore,
+        state,
+        Reports(),
+        prepared=lambda: False,
+        restore_report=progress.append if progress is not None else None,
+    )
     worker.start_restore(chain, storage)
     status = _wait(worker.restore_status, {"done", "failed"})
     return datastore, status
+
+
+def _check_progress(progress: list[dict[str, Any]], engine_bytes: int) -> None:
+    """A restore reported each pass from its start, only ever growing, never past the total,
+    and ended with every engine byte of its chain verified and restored."""
+    phases = [r["phase"] for r in progress]
+    assert phases[0] == "verifying" and phases[-1] == "restored", phases
+    assert "restoring" in phases, phases
+    for field in ("verified_bytes", "restored_bytes"):
+        values = [r[field] for r in progress]
+        assert values == sorted(values), (field, values)
+    assert all(r["restored_bytes"] <= r["total_bytes"] for r in progress if r["total_bytes"])
+    last = progress[-1]
+    assert last["verified_bytes"] == last["restored_bytes"] == last["total_bytes"] == engine_bytes
+    assert last["rate"] > 0
 
 
 def _round_trip(engine: Engine, instances: Instances, storage: dict[str, Any]) -> None:
@@ -260,9 +308,22 @@ def _round_trip(engine: Engine, instances: Instances, storage: dict[str, Any]) -
     state = instances.base / "source-state"
     state.mkdir()
     reports = Reports()
-    worker = BackupWorker(lambda: source, state, reports, prepared=lambda: True)
+    extents: list[dict[str, Any]] = []
+    worker = BackupWorker(
+        lambda: source, state, reports, prepared=lambda: True, archive_report=extents.append
+    )
+    instances.workers.append(worker)
+    archive = None
+    if engine.archives:
+        archive = ArchiveTarget(
+            instance_id="source-1",
+            storage=storage,
+            prefix=ARCHIVE_PREFIX,
+            key=secrets.token_bytes(32),
+            timeout=60,
+        )
     key_one, key_two = secrets.token_bytes(32), secrets.token_bytes(32)
-    one = _backup(worker, storage, "b-one", key_one)
+    one = _backup(worker, storage, "b-one", key_one, archive=archive)
     assert one["size"] > 0 and one["raw_size"] > 0 and len(one["checksum"]) == 64
     if engine.name == "mariadb":
         assert int(one["engine_position"]["to_lsn"]) > 0
@@ -283,29 +344,47 @@ def _round_trip(engine: Engine, instances: Instances, storage: dict[str, Any]) -
     )
     second_rows = engine.read(source)
     parent = one["engine_position"] if engine.incremental else None
-    two = _backup(worker, storage, "b-two", key_two, parent=parent)
+    two = _backup(worker, storage, "b-two", key_two, parent=parent, archive=archive)
     if engine.incremental:
         # Only the changes since the first backup: far smaller than a full one.
         assert two["raw_size"] < one["raw_size"]
+    if engine.name == "postgresql" and engine.incremental:
+        # The WAL since the full backup, read back from the archive in this same store.
+        assert two["engine_position"]["backup_type"] == "incremental"
+        assert two["engine_position"]["wal_from"] == one["engine_position"]["start_wal_file"]
+        assert extents, "the archiver never reported an extent"
+        assert archive is not None and base64.b64encode(archive.key).decode() not in repr(extents)
     engine.write(source, [("INSERT INTO {t} VALUES (%s, %s)", (7, "after-both"))])
 
-    # The store holds two opaque objects, exactly the sealed bytes that were checksummed.
+    # The store holds two opaque objects, exactly the sealed bytes that were checksummed, and
+    # (engines with a log archive) the archived log files, sealed as well.
     with open_storage(storage) as store:
-        assert [o.key for o in store.list("demo/")] == ["demo/b-one", "demo/b-two"]
+        keys = [o.key for o in store.list("demo/")]
+        archived = [k for k in keys if k.startswith(f"{ARCHIVE_PREFIX}/")]
+        assert [k for k in keys if k not in archived] == ["demo/b-one", "demo/b-two"]
         first_bytes = b"".join(store.get_stream("demo/b-one"))
+        if engine.name == "postgresql" and engine.incremental:
+            assert archived, keys
+            assert all(b"second-6" not in b"".join(store.get_stream(k)) for k in archived)
     assert hashlib.sha256(first_bytes).hexdigest() == one["checksum"]
     assert b"first-1" not in first_bytes
 
-    restored_one, status = _restore(instances, "r-one", [_link("b-one", key_one, one)], storage)
+    progress: list[dict[str, Any]] = []
+    restored_one, status = _restore(
+        instances, "r-one", [_link("b-one", key_one, one)], storage, progress
+    )
     assert status == {"state": "done", "backups": ["b-one"]}
+    _check_progress(progress, one["raw_size"])
     restored_one.prepare([], [])
     assert engine.read(restored_one) == first_rows
 
     chain = [_link("b-two", key_two, two)]
     if engine.incremental:
         chain.insert(0, _link("b-one", key_one, one))
-    restored_two, status = _restore(instances, "r-two", chain, storage)
+    progress = []
+    restored_two, status = _restore(instances, "r-two", chain, storage, progress)
     assert status["state"] == "done", status
+    _check_progress(progress, two["raw_size"] + (one["raw_size"] if engine.incremental else 0))
     restored_two.prepare([], [])
     assert engine.read(restored_two) == second_rows
     assert (7, "after-both") not in engine.read(restored_two)
@@ -315,9 +394,15 @@ def _round_trip(engine: Engine, instances: Instances, storage: dict[str, Any]) -
     damaged[len(damaged) // 2] ^= 0x01
     with open_storage(storage) as store:
         store.put_stream("demo/b-one", [bytes(damaged)])
-    refused, status = _restore(instances, "r-bad", [_link("b-one", key_one, one)], storage)
+    progress = []
+    refused, status = _restore(
+        instances, "r-bad", [_link("b-one", key_one, one)], storage, progress
+    )
     assert status["state"] == "failed"
     assert "tampered or corrupted" in status["reason"], status
+    # It never got past verifying.
+    assert {r["phase"] for r in progress} == {"verifying"}
+    assert all(r["restored_bytes"] == 0 for r in progress)
     assert not refused.layout.data_dir.exists() or not any(refused.layout.data_dir.iterdir())
 
 
@@ -328,8 +413,10 @@ def test_backups_restore_exactly_their_moment(
     instances = Instances(engine, engine_user)
     try:
         _round_trip(engine, instances, {"driver": "file", "file_directory": str(storage_dir)})
-        # Nothing of a backup lies around unsealed beside the objects.
-        assert sorted(p.name for p in storage_dir.iterdir()) == ["demo%2Fb-one", "demo%2Fb-two"]
+        # Nothing of a backup lies around unsealed beside the objects (nor a temporary file).
+        names = sorted(p.name for p in storage_dir.iterdir())
+        archive = ARCHIVE_PREFIX.replace("/", "%2F") + "%2F"
+        assert [n for n in names if not n.startswith(archive)] == ["demo%2Fb-one", "demo%2Fb-two"]
     finally:
         instances.close()
 
@@ -364,7 +451,10 @@ def test_backups_through_s3_on_a_real_swift(engine: Engine, engine_user: str, sw
         instances.close()
 
 
-def test_an_incremental_chain_through_native_swift(engine_user: str, swift: Swift) -> None:
+@pytest.mark.parametrize("engine", INCREMENTAL, ids=[e.name for e in INCREMENTAL])
+def test_an_incremental_chain_through_native_swift(
+    engine: Engine, engine_user: str, swift: Swift
+) -> None:
     storage = {
         "driver": "swift",
         "swift_auth_url": swift.auth_url,
@@ -374,9 +464,9 @@ def test_an_incremental_chain_through_native_swift(engine_user: str, swift: Swif
         "swift_container": f"coffer-{uuid.uuid4().hex[:12]}",
         "swift_segment_size": 1024 * 1024,
     }
-    instances = Instances(ENGINES[0], engine_user)
+    instances = Instances(engine, engine_user)
     try:
-        _round_trip(ENGINES[0], instances, storage)
+        _round_trip(engine, instances, storage)
     finally:
         instances.close()
 

@@ -723,6 +723,7 @@ MATRIX: dict[tuple[str, str], list[Case]] = {
     ("GET", "/v1.0/{tenant_id}/backups/{backup_id}"): [Case(reads())],
     ("DELETE", "/v1.0/{tenant_id}/backups/{backup_id}"): [Case(writes())],
     ("GET", f"{_I}/backups"): [Case(reads())],
+    ("GET", f"{_I}/restore"): [Case(reads())],
     ("GET", "/v1.0/{tenant_id}/backup_strategies"): [Case(reads(other=200))],
     ("POST", "/v1.0/{tenant_id}/backup_strategies"): [
         Case(writes(other=202), body={"backup_strategy": {"swift_container": "nightly"}})

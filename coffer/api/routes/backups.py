@@ -30,6 +30,7 @@ from coffer.api.audit import AuditedRoute, note_target
 from coffer.api.context import RequestContext
 from coffer.api.instance_views import GIB, iso
 from coffer.api.policy import authorize, enforce
+from coffer.api.restore_views import show_restores
 from coffer.api.routes.instance_support import (
     control_plane,
     ensure_ready,
@@ -43,7 +44,6 @@ from coffer.db.models import (
     Datastore,
     DatastoreVersion,
     Instance,
-    Operation,
     new_id,
     utcnow,
 )
@@ -64,7 +64,6 @@ from coffer.errors import (
     NotFound,
     NotImplementedByDatastore,
     UnprocessableEntity,
-    ValidationError,
 )
 from coffer.guest.backup import supports_incremental, supports_point_in_time
 from coffer.guest.datastores.base import Capability
@@ -260,6 +259,23 @@ def list_instance_backups(
         inst = load_instance(session, ctx, instance_id)
         query = select(Backup).where(Backup.deleted.is_(False), Backup.instance_id == inst.id)
         return _page(request, session, query, limit, marker)
+
+
+@router.get("/instances/{instance_id}/restore")
+def show_instance_restore(
+    request: Request,
+    instance_id: str,
+    ctx: Annotated[RequestContext, Depends(authorize("instance:show"))],
+) -> dict[str, Any]:
+    """Coffer's extension: how far the restore that builds this instance has got
+    (``coffer.api.restore_views``); ``{"restore": null}`` when it is not being built from a
+    backup. Kept out of the instance view, whose show is one query."""
+    cp = control_plane(request)
+    with cp.session_factory() as session:
+        inst = load_instance(session, ctx, instance_id)
+        view: dict[str, Any] = {}
+        show_restores(session, [(inst, view)])
+    return {"restore": view.get("restore")}
 
 
 @router.get("/backups/{backup_id}")
@@ -703,46 +719,3 @@ def show_running_backups(session: Session, pairs: list[tuple[Instance, dict[str,
     for instance_id in busy:
         if instance_id is not None:
             candidates[instance_id]["status"] = "BACKUP"
-
-
-#: The steps of an instance create, and what a restore is doing during each.
-_RESTORE_PHASES = {
-    "start": "waiting",
-    "allocate": "waiting",
-    "create_server": "waiting",
-    "restore": "restoring",
-    "prepare": "starting",
-    "wait_ready": "starting",
-}
-
-
-def show_restores(session: Session, pairs: list[tuple[Instance, dict[str, Any]]]) -> None:
-    """Coffer's ``restore`` field in the views of instances being built from a backup:
-    ``{"backup_id", "phase" (waiting, restoring, starting), "total_bytes"}``, where
-    ``total_bytes`` is the engine bytes of the backup's chain (what the restore writes). The
-    ``coffer backup`` CLI follows it."""
-    building = {inst.id: view for inst, view in pairs if inst.task is Task.BUILDING}
-    if not building:
-        return
-    ops = session.scalars(
-        select(Operation).where(
-            Operation.instance_id.in_(list(building)),
-            Operation.kind == "create_instance",
-            Operation.state.in_(("pending", "running")),
-        )
-    )
-    for op in ops:
-        spec = (op.payload or {}).get("restore")
-        if not isinstance(spec, dict) or op.instance_id is None:
-            continue
-        total: int | None = None
-        try:
-            chain = restore_chain(session, str(spec.get("backup_id")))
-            total = sum(link.raw_size or 0 for link in chain) or None
-        except ValidationError:
-            pass
-        building[op.instance_id]["restore"] = {
-            "backup_id": spec.get("backup_id"),
-            "phase": _RESTORE_PHASES.get(op.step, "restoring"),
-            "total_bytes": total,
-        }

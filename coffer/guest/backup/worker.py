@@ -7,10 +7,13 @@ the result go to the conductor through ``report``; the result (or "the agent sto
 kept in ``state/backups/<id>.json``, so a restarted agent answers ``backup_status`` truthfully and
 the taskmanager can tell a backup that died with its agent from one still running.
 
-A restore: every backup of the chain is verified completely first (``verify_stream``: each
-chunk's tag, the payload's zstd frame, the checksum of the whole stored object), and only then
-streamed again through ``open_stream`` into the engine's handler, which fills the empty data
-directory. A tampered or corrupted backup is refused before a single byte is written.
+A restore: every backup of the chain is verified completely first (what ``verify_stream``
+checks: each chunk's tag, the payload's zstd frame, the checksum of the whole stored object), and
+only then streamed again through ``open_stream`` into the engine's handler, which fills the empty
+data directory. A tampered or corrupted backup is refused before a single byte is written. Its
+progress (engine bytes verified, then restored, and the rate; ``RestoreMeter``) goes to the
+conductor through ``restore_report`` at each phase's start, twice a second while bytes pass,
+and once the data is in place.
 
 Keys: the taskmanager sends each backup's key-encryption key (derived from the operator's master
 key for that backup id) with the request, sealed with this instance's key; the master key never
@@ -33,7 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coffer.backup import open_stream, seal_stream, verify_stream
+from coffer.backup import open_stream, seal_stream
+from coffer.backup.progress import RestoreMeter
 from coffer.errors import (
     CofferError,
     Conflict,
@@ -134,13 +138,17 @@ class BackupWorker:
         report: Report,
         prepared: Callable[[], bool],
         archive_report: Callable[[dict[str, Any]], None] | None = None,
+        restore_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """``datastore`` returns the agent's current datastore (the agent may replace it);
         ``report(backup_id, fields)`` casts ``update_backup`` to the conductor; ``prepared``
         says whether the engine was ever prepared (a restore only fills a never-prepared one);
-        ``archive_report(extent)`` casts ``update_archive`` (the WAL archive's extent)."""
+        ``archive_report(extent)`` casts ``update_archive`` (the WAL archive's extent);
+        ``restore_report(fields)`` casts ``update_restore`` (a restore's progress, see
+        ``RestoreMeter``)."""
         self._datastore = datastore
         self._archive_report = archive_report
+        self._restore_report = restore_report
         self._archiver: Archiver | None = None
         self.results_dir = state_dir / "backups"
         self.restore_file = state_dir / "restore.json"
@@ -434,42 +442,66 @@ class BackupWorker:
         handler = backups_of(self.datastore)
         storage = open_storage(storage_spec)
         archive_storage = open_storage(point[0].storage) if point is not None else None
-        try:
-            started = time.monotonic()
-            for link in chain:
-                raw = verify_stream(
+        meter = RestoreMeter(self._send_restore)
+
+        def opened(link: ChainLink) -> Iterator[bytes]:
+            # The engine bytes of one backup, checked chunk by chunk and against the stored
+            # object's checksum at its end (the checksum is always given here).
+            return meter.wrap(
+                open_stream(
                     storage.get_stream(link.storage_key),
                     link.key,
                     link.backup_id,
                     link.wrapped_key,
                     link.checksum,
+                ),
+                part=link.backup_id,
+            )
+
+        try:
+            started = time.monotonic()
+            meter.begin("verifying")
+            for link in chain:
+                before = meter.verified_bytes
+                for _piece in opened(link):
+                    pass
+                LOG.info(
+                    "backup %s verified (%d bytes of engine data)",
+                    link.backup_id,
+                    meter.verified_bytes - before,
                 )
-                LOG.info("backup %s verified (%d bytes of engine data)", link.backup_id, raw)
             if self._prepared():
                 raise EngineError("The instance is already prepared; it cannot be restored into.")
             self._clear_data_dir()
 
             def payload(link: ChainLink) -> Callable[[], Iterator[bytes]]:
-                def opened() -> Iterator[bytes]:
-                    return open_stream(
-                        storage.get_stream(link.storage_key),
-                        link.key,
-                        link.backup_id,
-                        link.wrapped_key,
-                        link.checksum,
-                    )
-
-                return opened
+                return lambda: opened(link)
 
             pitr = None
             if point is not None and archive_storage is not None:
                 pitr = PointInTime(ArchiveReader(archive_storage, point[0]), point[1])
+            meter.begin("restoring")
             handler.restore([payload(link) for link in chain], pitr=pitr)
-            LOG.info("restored %d backup(s) in %.1f s", len(chain), time.monotonic() - started)
+            meter.finish()
+            LOG.info(
+                "restored %d backup(s), %d engine bytes, in %.1f s",
+                len(chain),
+                meter.restored_bytes,
+                time.monotonic() - started,
+            )
         finally:
             storage.close()
             if archive_storage is not None:
                 archive_storage.close()
+
+    def _send_restore(self, fields: dict[str, Any]) -> None:
+        if self._restore_report is None:
+            return
+        try:
+            self._restore_report(fields)
+        except Exception as exc:
+            # Progress only: the restore goes on, and its result is asked for by the taskmanager.
+            LOG.warning("could not report the restore's progress: %s", describe(exc))
 
     def _clear_data_dir(self) -> None:
         # Only reached before the engine was ever prepared: what is there is a restore that was
