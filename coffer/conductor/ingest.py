@@ -2,21 +2,28 @@
 
 Per message the checks are those of every sealed server (``coffer.bus.rpc.RpcServer``): opened
 with the sending instance's own key, sealed for this topic, sender equal to the key id. What
-differs is the unit of work. The consumer takes up to ``batch_size`` messages at a time (what
-is waiting, taking messages until none arrives within ``GATHER_SECONDS``) and writes all
-the heartbeats among them in one transaction (``coffer.conductor.heartbeats``); other reports
-(backups, archives) go one by one through the conductor's guard and endpoints as before.
+differs is the unit of work. The consumer takes up to ``batch_size`` messages at a time and
+writes all the heartbeats among them in one transaction (``coffer.conductor.heartbeats``); other
+reports (backups, archives) go one by one through the conductor's guard and endpoints as before.
 
 A message is acknowledged only after its effect is committed, or when it is refused (a refused
-message has no effect). If the batch's transaction fails, nothing of it is acknowledged: the
-consumer reconnects and the broker hands the messages out again; the sequence guard keeps
-anything from being applied twice.
+message has no effect). If the batch's transaction fails, nothing of it is acknowledged: it is
+delivered again, and the sequence guard keeps anything from being applied twice.
 
-On RabbitMQ one consumer thread takes everything (the broker pushes messages ahead, and the
-reports of one instance apply in the order they were sent). On kombu's Redis transport each
-message costs round trips to the broker (fetch, bookkeeping, acknowledgement), so two consumers
-overlap their waits; two reports of one instance queued together may then be taken out of
-order, and the older one is dropped by the sequence guard (a newer status is already there).
+How a batch is taken depends on the transport:
+
+* RabbitMQ: one kombu consumer thread; the broker pushes messages ahead (prefetch), a batch is
+  what arrived until none came within ``GATHER_SECONDS``, and it is acknowledged with one frame.
+  A failed batch is redelivered by the broker when the consumer reconnects.
+* Redis (the embedded broker): one thread reads the queue in bulk (``coffer.bus.bulk``): up to a
+  batch of messages in one round trip, moved atomically into a list of this consumer's own and
+  deleted from it only once the batch is settled, after its commit. Unacknowledged messages of a
+  failed batch are put back at the head of the queue; what a killed conductor held is put back
+  when it (or another conductor) starts again. kombu's own Redis consumer costs several round
+  trips per message, which capped ingestion well under the 2,000 heartbeats/s we need.
+* Anything else (kombu's in-memory transport in unit tests): two kombu consumers. Two reports
+  of one instance queued together may then be taken out of order, and the older one is dropped
+  by the sequence guard (a newer status is already there).
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import inspect
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import kombu
 from kombu.exceptions import OperationalError
 
+from coffer.bus.bulk import CONNECTION_ERRORS as REDIS_ERRORS
+from coffer.bus.bulk import MAX_BATCH, RedisBulkReader
 from coffer.bus.envelope import Envelope, KeyRing, open_sealed, peek_header
 from coffer.bus.transport import connection, safe_url
 from coffer.conductor.heartbeats import METHOD as HEARTBEAT
@@ -51,11 +60,22 @@ GATHER_SECONDS = 0.005
 _POLL_SECONDS = 0.25
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 5.0
+_REDIS_SCHEMES = ("redis", "rediss", "redis+socket")
+
+
+class Delivery(Protocol):
+    """A message taken off the bus: a kombu ``Message`` or a ``coffer.bus.bulk.BulkMessage``."""
+
+    @property
+    def body(self) -> Any: ...
+
+    def ack(self, multiple: bool = False) -> None: ...
 
 
 class ReportIngester:
     """Consumes ``topic`` until ``stop()``, in ``workers`` threads each with its own connection
-    (default: one on RabbitMQ, two on other transports; see the module docstring).
+    (default: one on RabbitMQ and on Redis, which is read in bulk; two on other transports; see
+    the module docstring). ``bulk`` chooses bulk reads on Redis (default: on).
 
     ``record_heartbeats(reports)`` writes a batch of heartbeats in one transaction and says which
     passed the sequence guard; ``endpoints`` serves every other method named in its
@@ -78,12 +98,17 @@ class ReportIngester:
         preload_keys: Callable[[Sequence[str]], None] | None = None,
         batch_size: int = BATCH_SIZE,
         workers: int | None = None,
+        bulk: bool = True,
     ) -> None:
-        amqp = urlsplit(url).scheme.lower() in ("amqp", "amqps", "pyamqp")
+        scheme = urlsplit(url).scheme.lower()
+        amqp = scheme in ("amqp", "amqps", "pyamqp")
+        self.bulk = bulk and scheme in _REDIS_SCHEMES
         if workers is None:
-            workers = 1 if amqp else 2
+            workers = 1 if amqp or self.bulk else 2
         if batch_size < 1 or workers < 1:
             raise ValueError("batch_size and workers must be positive")
+        if self.bulk and batch_size > MAX_BATCH:
+            raise ValueError(f"batch_size must be at most {MAX_BATCH} on a Redis bus")
         self.url = url
         self.topic = topic
         self.batch_size = batch_size
@@ -93,9 +118,10 @@ class ReportIngester:
         self._endpoints = endpoints
         self._guard = guard
         self._preload = preload_keys
-        #: RabbitMQ acknowledges a whole batch with one frame (``multiple``); kombu's virtual
-        #: transports (Redis) take one acknowledgement per message.
-        self._ack_many = amqp
+        #: RabbitMQ acknowledges a whole batch with one frame (``multiple``), and a bulk reader
+        #: settles a batch in one step anyway; kombu's virtual transports take one
+        #: acknowledgement per message.
+        self._ack_many = amqp or self.bulk
         described = endpoints if signatures is None else signatures
         self._methods = {
             name: inspect.signature(getattr(described, name))
@@ -105,6 +131,7 @@ class ReportIngester:
         self._queue = kombu.Queue(topic, durable=True, auto_delete=False)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._readers: list[RedisBulkReader] = []
         self._ready_lock = threading.Lock()
         self._ready_count = 0
         self._ready = threading.Event()
@@ -131,11 +158,17 @@ class ReportIngester:
         return self._ready.wait(timeout)
 
     def stop(self, timeout: float = 5) -> None:
-        """Stop consuming; a batch being handled is finished (and acknowledged) first."""
+        """Stop consuming; a batch being handled is finished (and acknowledged) first. A bulk
+        reader waiting for messages is woken at once."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and time.monotonic() < deadline:
+                # Again while waiting: a reader between its check of the stop and its blocking
+                # wait is not woken by the first call.
+                for reader in list(self._readers):
+                    reader.wake()
+                thread.join(max(0.0, min(0.05, deadline - time.monotonic())))
             if thread.is_alive():
                 log.warning("conductor consumer %s did not stop within %g s", thread.name, timeout)
         self._threads = [thread for thread in self._threads if thread.is_alive()]
@@ -145,6 +178,9 @@ class ReportIngester:
     def _run(self, index: int) -> None:
         """Consume until stopped; reconnect with backoff after any error (the broker may be
         restarting; a failed batch is redelivered on the new connection)."""
+        if self.bulk:
+            self._run_bulk(index)
+            return
         backoff = _BACKOFF_MIN
         lost = False
         first = True
@@ -201,6 +237,57 @@ class ReportIngester:
                 with contextlib.suppress(Exception):
                     conn.release()
 
+    def _run_bulk(self, index: int) -> None:
+        """``_run`` for Redis: batches come from a ``RedisBulkReader`` and each is settled
+        after it is handled (or failed: its unacknowledged messages go back to the queue)."""
+        reader = RedisBulkReader(self.url, self.topic, batch_size=self.batch_size)
+        self._readers.append(reader)
+        backoff = _BACKOFF_MIN
+        lost = False
+        first = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    reader.open()
+                    if lost:
+                        log.info("the conductor is consuming %s again", self.topic)
+                    lost, backoff = False, _BACKOFF_MIN
+                    if first:
+                        first = False
+                        self._mark_ready()
+                    while not self._stop.is_set():
+                        batch = reader.take()
+                        if not batch:
+                            reader.settle()  # messages dropped as undecodable, if any
+                            continue
+                        try:
+                            self.handle_batch(batch)
+                        finally:
+                            reader.settle()
+                except Exception as exc:  # the loop must survive anything
+                    if self._stop.is_set():
+                        break
+                    if isinstance(exc, REDIS_ERRORS):
+                        (log.debug if lost else log.warning)(
+                            "the conductor lost the bus at %s (%s); reconnecting in %.1f s",
+                            safe_url(self.url),
+                            type(exc).__name__,
+                            backoff,
+                        )
+                    else:
+                        log.exception(
+                            "the conductor's consumer #%d failed; its unacknowledged reports "
+                            "will be delivered again; reconnecting in %.1f s",
+                            index,
+                            backoff,
+                        )
+                    lost = True
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+        finally:
+            reader.close()
+            self._readers.remove(reader)
+
     def _mark_ready(self) -> None:
         with self._ready_lock:
             self._ready_count += 1
@@ -218,14 +305,14 @@ class ReportIngester:
 
     # -- handling ----------------------------------------------------------------------------
 
-    def handle_batch(self, messages: Sequence[kombu.Message]) -> None:
+    def handle_batch(self, messages: Sequence[Delivery]) -> None:
         """Check, apply and acknowledge ``messages`` (see the module docstring). Raises (with
         the heartbeats' messages unacknowledged) when their transaction fails."""
         now = time.time()
         if self._preload is not None:
             self._preload(_key_ids(messages))
-        heartbeats: list[tuple[kombu.Message, HeartbeatReport]] = []
-        others: list[tuple[kombu.Message, Envelope]] = []
+        heartbeats: list[tuple[Delivery, HeartbeatReport]] = []
+        others: list[tuple[Delivery, Envelope]] = []
         for message in messages:
             try:
                 env = self._open(message.body)
@@ -297,7 +384,7 @@ class ReportIngester:
             log.exception("%s from %s (message %s) failed", env.method, env.sender, env.msg_id)
 
 
-def _key_ids(messages: Sequence[kombu.Message]) -> list[str]:
+def _key_ids(messages: Sequence[Delivery]) -> list[str]:
     """The key ids named in the messages' sealed headers (malformed ones are left out)."""
     found = []
     for message in messages:
