@@ -12,10 +12,14 @@ for mgmt routes.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from functools import partial
+from typing import Annotated, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from fastapi import Depends, Request
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -192,3 +196,94 @@ async def _services_dependency(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(_services_dependency)]
+
+
+# -- reads served on the event loop -------------------------------------------------------------
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class LoopReader:
+    """The control-DB connection the event loop's own reads use (``read_on_loop``).
+
+    One connection, kept open: a read on the loop never waits for the pool, and pays neither
+    a checkout nor a return. Each read is its own transaction, ended when the read is done, so
+    it sees everything committed before it began. Only one thread uses it at a time (a second
+    event loop in the same process, as in tests, gets a pooled connection instead).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._connection: Connection | None = None
+
+    def run(
+        self, fn: Callable[Concatenate[Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """``fn(connection, *args, **kwargs)`` in a transaction of its own."""
+        if not self._lock.acquire(blocking=False):
+            with self.engine.connect() as conn:
+                return fn(conn, *args, **kwargs)
+        try:
+            kept = self._connection
+            if kept is None or kept.closed or kept.invalidated:
+                kept = self._connection = self.engine.connect()
+            conn = kept
+            try:
+                return fn(conn, *args, **kwargs)
+            finally:
+                try:
+                    conn.rollback()  # a read: nothing to keep, and the next read sees newer data
+                except Exception:
+                    self._connection = None
+                    conn.close()
+                    raise
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+def _engine_of(services: Services) -> Engine:
+    bind = services.session_factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("the API's session factory must be bound to an engine")
+    return bind
+
+
+async def read_on_loop(
+    request: Request,
+    fn: Callable[Concatenate[Connection, _P], _T],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> _T:
+    """``fn(connection, *args, **kwargs)``: a short read of the control DB for the busiest
+    routes (``coffer.api.responses.HotRoute``).
+
+    On a SQLite control DB it runs right here on the event loop, with the loop's own
+    connection: a read of a few rows from a file the OS has cached takes well under a
+    millisecond, while handing it to a worker thread cost more than the read, and under load
+    the worker threads then queued for the interpreter lock at every row SQLite returned. In
+    WAL mode readers do not wait for writers. On a server database (PostgreSQL, MariaDB)
+    every query is a network round trip, so it runs in the thread pool with a pooled
+    connection, as the other routes' work does.
+    """
+    services = get_services(request)
+    engine = _engine_of(services)
+    if engine.dialect.name != "sqlite":
+        return await run_in_threadpool(partial(_pooled_read, engine, fn, *args, **kwargs))
+    state = request.app.state
+    reader: LoopReader | None = getattr(state, "coffer_loop_reader", None)
+    if reader is None or reader.engine is not engine:
+        reader = state.coffer_loop_reader = LoopReader(engine)
+    return reader.run(fn, *args, **kwargs)
+
+
+def _pooled_read(engine: Engine, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    with engine.connect() as conn:
+        return fn(conn, *args, **kwargs)

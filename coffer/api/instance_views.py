@@ -1,21 +1,88 @@
-"""JSON shapes of instances (Trove ``InstanceView`` / ``InstanceDetailView``)."""
+"""JSON shapes of instances (Trove ``InstanceView`` / ``InstanceDetailView``).
+
+The views read only the attributes the protocols below name, so they render ORM objects
+(``Instance``, ``ServiceStatusRow``, ...) and the plain rows the busiest reads fetch with Core
+queries (``coffer.api.routes.instance_support.read_views``) alike.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from coffer.db.models import (
-    Datastore,
-    DatastoreVersion,
-    Instance,
-    InstanceFault,
-    ServiceStatusRow,
-    utcnow,
-)
-from coffer.status import ServiceStatus, Task, trove_operating_status, trove_status
+from coffer.db.models import utcnow
+from coffer.status import ServerStatus, ServiceStatus, Task, trove_operating_status, trove_status
 
 GIB = 1024**3
+
+
+class InstanceFields(Protocol):
+    """What a view reads of an instance (an ``Instance`` or a row with its columns)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def flavor_id(self) -> str: ...
+    @property
+    def volume_size(self) -> int: ...
+    @property
+    def task(self) -> Task: ...
+    @property
+    def server_status(self) -> ServerStatus: ...
+    @property
+    def access(self) -> dict[str, Any]: ...
+    @property
+    def region_id(self) -> str: ...
+    @property
+    def compute_ref(self) -> dict[str, Any]: ...
+    @property
+    def volume_used_bytes(self) -> int | None: ...
+    @property
+    def volume_total_bytes(self) -> int | None: ...
+    @property
+    def created(self) -> datetime: ...
+    @property
+    def updated(self) -> datetime: ...
+
+
+class StatusFields(Protocol):
+    """What a view reads of an instance's service status row."""
+
+    @property
+    def status(self) -> ServiceStatus: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+class VersionFields(Protocol):
+    """What a view reads of a datastore version."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+
+
+class NameField(Protocol):
+    """What a view reads of a datastore."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class FaultFields(Protocol):
+    """What a view reads of an instance fault."""
+
+    @property
+    def message(self) -> str: ...
+    @property
+    def details(self) -> str: ...
+    @property
+    def created(self) -> datetime: ...
 
 
 def iso(value: datetime | None) -> str | None:
@@ -23,15 +90,19 @@ def iso(value: datetime | None) -> str | None:
 
 
 def effective_service_status(
-    inst: Instance, row: ServiceStatusRow | None, heartbeat_expiry: int
+    inst: InstanceFields,
+    row: StatusFields | None,
+    heartbeat_expiry: int,
+    stale_before: datetime | None = None,
 ) -> ServiceStatus:
-    """The engine status, or FAILED_TIMEOUT_GUESTAGENT when the guest has gone quiet."""
+    """The engine status, or FAILED_TIMEOUT_GUESTAGENT when the guest has gone quiet (its
+    status is older than ``stale_before``, by default ``heartbeat_expiry`` seconds ago)."""
     status = row.status if row else ServiceStatus.NEW
     if (
         row is not None
         and inst.task is Task.NONE
         and status is not ServiceStatus.RESTART_REQUIRED
-        and row.updated_at < utcnow() - timedelta(seconds=heartbeat_expiry)
+        and row.updated_at < (stale_before or utcnow() - timedelta(seconds=heartbeat_expiry))
     ):
         return ServiceStatus.FAILED_TIMEOUT_GUESTAGENT
     return status
@@ -45,18 +116,21 @@ def instance_links(base: str, tenant_id: str, instance_id: str) -> list[dict[str
 
 
 def instance_view(
-    inst: Instance,
+    inst: InstanceFields,
     *,
-    version: DatastoreVersion,
-    datastore: Datastore,
-    status_row: ServiceStatusRow | None,
-    fault: InstanceFault | None,
+    version: VersionFields,
+    datastore: NameField,
+    status_row: StatusFields | None,
+    fault: FaultFields | None,
     base: str,
     heartbeat_expiry: int,
     detail: bool,
     admin: bool,
+    stale_before: datetime | None = None,
 ) -> dict[str, Any]:
-    service = effective_service_status(inst, status_row, heartbeat_expiry)
+    """Trove's view of ``inst``; ``stale_before`` as in ``effective_service_status`` (a list
+    passes one value for all its instances)."""
+    service = effective_service_status(inst, status_row, heartbeat_expiry, stale_before)
     addresses = []
     ref = inst.compute_ref or {}
     if ref.get("private"):

@@ -482,6 +482,10 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 # --- the policy ----------------------------------------------------------------------------------
 
 
+#: Most allowed combinations a policy remembers before it starts again.
+_MAX_REMEMBERED = 10_000
+
+
 class PolicyDenied(Forbidden):
     """A policy rule does not allow the request (403 ``forbidden``); ``rule`` names it."""
 
@@ -506,8 +510,8 @@ class Policy:
     Construction validates everything and raises ``ConfigError`` listing every problem: an
     unknown rule name (with a did-you-mean), a rule that does not parse, a ``rule:`` reference
     to a rule that does not exist, and rules that refer to each other in a loop. ``source``
-    names where the overrides came from, for those messages. Immutable, so one instance serves
-    every request thread.
+    names where the overrides came from, for those messages. Its rules never change (it only
+    remembers which checks they allowed), so one instance serves every request thread.
     """
 
     def __init__(self, overrides: Mapping[str, Any] | None = None, source: str = "") -> None:
@@ -542,6 +546,9 @@ class Policy:
             raise ConfigError(problems)
         self.texts: dict[str, str] = texts
         self.overridden: frozenset[str] = frozenset(overrides or {})
+        # Allowed (rule, project, caller) combinations (``enforce_on_project``); denials are
+        # not remembered, so their errors are built afresh.
+        self._allowed: dict[tuple[str, str, str, str, frozenset[str]], bool] = {}
 
     def _loops(self) -> list[str]:
         found: list[str] = []
@@ -567,6 +574,18 @@ class Policy:
         """True when ``rule`` allows ``creds`` to act on ``target``; ``KeyError`` for a name
         that is not a rule (a programming error, never a user's)."""
         return self._checks[rule](self, target, creds)
+
+    def enforce_on_project(self, rule: str, tenant: str, auth: AuthContext) -> None:
+        """``enforce(rule, {"tenant": tenant}, auth)``, with the answer remembered: the rules
+        are fixed and see nothing else, so the same caller, roles and project always get the
+        same answer (every route's own rule is checked this way, on every request)."""
+        key = (rule, tenant, auth.user_id, auth.project_id, auth.roles)
+        if self._allowed.get(key):
+            return
+        self.enforce(rule, {"tenant": tenant}, auth)
+        if len(self._allowed) >= _MAX_REMEMBERED:
+            self._allowed.clear()
+        self._allowed[key] = True
 
     def enforce(self, rule: str, target: Mapping[str, Any], auth: AuthContext) -> None:
         """Raise ``PolicyDenied`` (403) unless ``rule`` allows ``auth`` on ``target``."""
@@ -740,30 +759,40 @@ class Authorize:
         return f"authorize({self.rule or self.deferred!r})"
 
     async def __call__(self, request: Request, tenant_id: str) -> RequestContext:
-        # Async, so a request whose token was validated lately costs no hop to a worker thread;
-        # what follows the authentication is in-memory work.
-        setattr(request.state, ACTION_STATE, self.rule or "|".join(self.deferred))
-        setattr(request.state, _ACTION_FIXED, self.rule is not None)
-        auth = await authenticate_request_async(request)
-        setattr(request.state, AUTH_STATE, auth)
-        if tenant_id != auth.project_id and not auth.is_admin:
-            raise Forbidden(
-                f"This token is for project {auth.project_id}; use a URL with that project id "
-                f"(/v1.0/{auth.project_id}/...)."
-            )
-        path = request.url.path
-        below = path.split(f"/v1.0/{tenant_id}", 1)[-1] or "/"
-        rate_limiter_of(request).hit(auth.project_id, request.method, below)
-        ctx = RequestContext(
-            auth=auth,
-            project_id=tenant_id,
-            request_id=request_id_of(request),
-            base_url=public_base_url(request),
+        return await authorize_request(request, tenant_id, self.rule, self.deferred)
+
+
+async def authorize_request(
+    request: Request, tenant_id: str, rule: str | None, deferred: Sequence[str] = ()
+) -> RequestContext:
+    """What ``Authorize`` does, for routes served without FastAPI's dependencies (the hot
+    reads, ``coffer.api.responses.HotRoute``): the same checks in the same order, the same
+    errors. ``rule`` and ``deferred`` must be rule names (``Authorize`` checks them once)."""
+    # Async, so a request whose token was validated lately costs no hop to a worker thread;
+    # what follows the authentication is in-memory work.
+    state = request.state
+    setattr(state, ACTION_STATE, rule or "|".join(deferred))
+    setattr(state, _ACTION_FIXED, rule is not None)
+    auth = await authenticate_request_async(request)
+    setattr(state, AUTH_STATE, auth)
+    if tenant_id != auth.project_id and not auth.is_admin:
+        raise Forbidden(
+            f"This token is for project {auth.project_id}; use a URL with that project id "
+            f"(/v1.0/{auth.project_id}/...)."
         )
-        if self.rule is not None:
-            policy_of(request).enforce(self.rule, {"tenant": tenant_id}, auth)
-            _read_only_backstop(request, auth)
-        return ctx
+    path = request.url.path
+    below = path.split(f"/v1.0/{tenant_id}", 1)[-1] or "/"
+    rate_limiter_of(request).hit(auth.project_id, request.method, below)
+    ctx = RequestContext(
+        auth=auth,
+        project_id=tenant_id,
+        request_id=request_id_of(request),
+        base_url=public_base_url(request),
+    )
+    if rule is not None:
+        policy_of(request).enforce_on_project(rule, tenant_id, auth)
+        _read_only_backstop(request, auth)
+    return ctx
 
 
 def authorize(rule: str | None, *, deferred: Sequence[str] = ()) -> Authorize:

@@ -128,6 +128,16 @@ def test_a_page_costs_the_same_queries_for_one_instance_or_twenty(world: World) 
     assert world.queries(f"/instances/{ids[0]}") <= 1, world.statements
 
 
+def test_a_settled_page_is_one_query_and_a_show_one(world: World) -> None:
+    ids = world.add_instances(30, task=Task.NONE)
+    # Instances, status rows, versions, datastores, groups and running backups: one statement.
+    assert world.queries("/instances") == 1, world.statements
+    assert world.queries("/instances/detail") == 1, world.statements
+    assert world.queries(f"/instances/{ids[3]}") == 1, world.statements
+    # A marker is looked up first.
+    assert world.queries(f"/instances?marker={ids[3]}") == 2, world.statements
+
+
 def test_only_a_detail_view_with_an_instance_in_error_looks_up_faults(world: World) -> None:
     world.add_instances(3)
     healthy = world.queries("/instances/detail")

@@ -6,16 +6,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote
 
+import pydantic_core
 from fastapi import Request
-from sqlalchemy import bindparam, exists, select
+from sqlalchemy import Connection, Text, and_, bindparam, exists, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from coffer.api.context import RequestContext
-from coffer.api.instance_views import effective_service_status, instance_view
+from coffer.api.instance_views import (
+    FaultFields,
+    NameField,
+    StatusFields,
+    VersionFields,
+    effective_service_status,
+    instance_view,
+)
 from coffer.controlplane import ControlPlane
 from coffer.datastores.registry import require_capability, rules_for
 from coffer.db.models import (
@@ -24,6 +34,7 @@ from coffer.db.models import (
     Instance,
     InstanceFault,
     ServiceStatusRow,
+    utcnow,
 )
 from coffer.db.models_backups import RUNNING_STATES, Backup
 from coffer.db.models_day2 import Configuration
@@ -41,7 +52,7 @@ from coffer.errors import (
     ValidationError,
 )
 from coffer.guest.datastores.base import Capability
-from coffer.status import SERVICE_READY, ServiceStatus, Task, trove_status
+from coffer.status import SERVICE_READY, ServerStatus, ServiceStatus, Task, trove_status
 
 LOG = logging.getLogger(__name__)
 
@@ -68,78 +79,387 @@ def load_instance(session: Session, ctx: RequestContext, instance_id: str) -> In
     return inst
 
 
+class ConfigurationFields(Protocol):
+    """What a detail view reads of an instance's configuration group."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+
+class _Status(NamedTuple):
+    status: ServiceStatus
+    updated_at: datetime
+
+
+class _Version(NamedTuple):
+    name: str
+    version: str
+
+
+class _Datastore(NamedTuple):
+    name: str
+
+
+class _Named(NamedTuple):
+    id: str
+    name: str
+
+
 class ViewRow(NamedTuple):
     """An instance with everything its view needs, read in one query (``view_rows``)."""
 
-    inst: Instance
-    status: ServiceStatusRow | None
-    version: DatastoreVersion
-    datastore: Datastore
-    configuration: Configuration | None
+    #: The instance's columns (a Core row: attribute access like an ``Instance``).
+    inst: Any
+    status: StatusFields | None
+    version: VersionFields
+    datastore: NameField
+    configuration: ConfigurationFields | None
     #: A backup of the instance is being taken (its view then says BACKUP, as Trove's does).
     backup_running: bool
 
 
 # Built once: a request only binds values, so it pays neither for building the statement nor
-# for compiling it (SQLAlchemy caches the compiled form by the statement's shape).
+# for compiling it (SQLAlchemy caches the compiled form by the statement's shape). The columns
+# are read as plain rows, not ORM objects: building and tracking five mapped objects per
+# instance was most of what a page cost.
 _BACKUP_RUNNING = (
     exists()
     .where(
         Backup.instance_id == Instance.id,
         Backup.deleted.is_(False),
-        Backup.state.in_(sorted(RUNNING_STATES)),
+        # One bound value per state rather than an expanding IN, which SQLAlchemy would
+        # re-render into the SQL on every execution.
+        or_(*(Backup.state == state for state in sorted(RUNNING_STATES))),
     )
     .label("backup_running")
 )
+
+
+class _ViewValues(NamedTuple):
+    """The columns of ``_VIEW_COLUMNS``, by name: rows are copied into this tuple once, because
+    reading a column of a SQLAlchemy ``Row`` by name costs several times more. Its first fields
+    are an instance's (it serves as the ``InstanceFields`` of a view)."""
+
+    id: str
+    tenant_id: str
+    name: str
+    flavor_id: str
+    volume_size: int
+    task: Task
+    server_status: ServerStatus
+    access: dict[str, Any]
+    region_id: str
+    compute_ref: dict[str, Any]
+    volume_used_bytes: int | None
+    volume_total_bytes: int | None
+    created: datetime
+    updated: datetime
+    deleted: bool
+    #: None when the instance has no status row (its status is never NULL); the time is then
+    #: None too.
+    service_status: ServiceStatus | None
+    service_updated: datetime
+    version_name: str
+    version_number: str
+    datastore_name: str
+    #: None when no configuration group is attached (the name is then None too).
+    configuration_ref: str | None
+    configuration_name: str
+    backup_running: bool
+
+
+_INSTANCE_COLUMNS = _ViewValues._fields[: _ViewValues._fields.index("deleted") + 1]
+
+
+def _raw(column: Any, name: str) -> Any:
+    # Read as the driver returns it, without SQLAlchemy's per-value result processing:
+    # ``_view_row`` turns the values into what the views read (enums, datetimes, parsed JSON),
+    # and ``RenderedViews`` compares rows as read. (pydantic-core parses JSON several times
+    # faster than the ``json`` module SQLAlchemy's JSON type calls per value.)
+    return type_coerce(column, Text).label(name)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column's value read as text (SQLite, MariaDB) or already decoded by the driver
+    (PostgreSQL's psycopg decodes ``json`` itself)."""
+    return pydantic_core.from_json(value) if isinstance(value, str) else value
+
+
 _VIEW_COLUMNS = (
-    select(Instance, ServiceStatusRow, DatastoreVersion, Datastore, Configuration, _BACKUP_RUNNING)
+    select(
+        *(_raw(Instance.__table__.c[name], name) for name in _INSTANCE_COLUMNS),
+        _raw(ServiceStatusRow.status, "service_status"),
+        _raw(ServiceStatusRow.updated_at, "service_updated"),
+        _raw(DatastoreVersion.name, "version_name"),
+        _raw(DatastoreVersion.version, "version_number"),
+        _raw(Datastore.name, "datastore_name"),
+        _raw(Configuration.id, "configuration_ref"),
+        _raw(Configuration.name, "configuration_name"),
+        _BACKUP_RUNNING,
+    )
+    .select_from(Instance)
     .join(DatastoreVersion, DatastoreVersion.id == Instance.datastore_version_id)
     .join(Datastore, Datastore.id == DatastoreVersion.datastore_id)
     .outerjoin(ServiceStatusRow, ServiceStatusRow.instance_id == Instance.id)
     .outerjoin(Configuration, Configuration.id == Instance.configuration_id)
 )
-_VIEW_ROW = _VIEW_COLUMNS.where(Instance.id == bindparam("id"))
-_VIEW_ROWS = _VIEW_COLUMNS.where(Instance.id.in_(bindparam("ids", expanding=True)))
+if tuple(c.name for c in _VIEW_COLUMNS.selected_columns) != _ViewValues._fields:
+    raise RuntimeError("_ViewValues must name the columns of _VIEW_COLUMNS, in their order")
 _LATEST_FAULTS = (
-    select(InstanceFault)
+    select(
+        InstanceFault.instance_id,
+        InstanceFault.message,
+        InstanceFault.details,
+        InstanceFault.created,
+    )
     .where(InstanceFault.instance_id.in_(bindparam("ids", expanding=True)))
     .order_by(InstanceFault.instance_id, InstanceFault.created.desc(), InstanceFault.id)
 )
+_VIEW_ROW = _VIEW_COLUMNS.where(Instance.id == bindparam("id"))
+_VIEW_ROWS = _VIEW_COLUMNS.where(Instance.id.in_(bindparam("ids", expanding=True)))
+# A page of a project's instances, newest first, keyed on (created, id). ix_instances_page
+# (tenant_id, deleted, created, id) serves the filter and the order, so a page costs O(the
+# page), not O(the project's instances); the joins and the backup check run for its rows only.
+_PAGE = (
+    _VIEW_COLUMNS.where(Instance.tenant_id == bindparam("tenant"), Instance.deleted.is_(False))
+    .order_by(Instance.created.desc(), Instance.id.desc())
+    .limit(bindparam("limit"))
+)
+_PAGE_AFTER = _PAGE.where(
+    or_(
+        Instance.created < bindparam("created"),
+        and_(Instance.created == bindparam("created"), Instance.id < bindparam("after")),
+    )
+)
+_MARKER = select(Instance.tenant_id, Instance.deleted, Instance.created, Instance.id).where(
+    Instance.id == bindparam("id")
+)
+#: A session (reads what it has pending too) or a plain connection (cheaper: no ORM).
+Reader = Session | Connection
 
 
-def view_rows(session: Session, ids: Sequence[str]) -> list[ViewRow]:
+_FIELD = {name: index for index, name in enumerate(_ViewValues._fields)}
+_JSON_FIELDS = tuple(_FIELD[name] for name in ("access", "compute_ref"))
+_TIME_FIELDS = tuple(_FIELD[name] for name in ("created", "updated", "service_updated"))
+_ENUM_FIELDS = tuple(
+    (_FIELD[name], {member.value: member for member in kind})
+    for name, kind in (
+        ("task", Task),
+        ("server_status", ServerStatus),
+        ("service_status", ServiceStatus),
+    )
+)
+_BOOL_FIELDS = tuple(_FIELD[name] for name in ("deleted", "backup_running"))
+
+
+def _time(value: Any) -> datetime | None:
+    """A DATETIME as its driver returns it: text on SQLite, a ``datetime`` elsewhere."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value)
+
+
+@lru_cache(maxsize=256)
+def _versions(version: str, number: str, datastore: str) -> tuple[_Version, _Datastore]:
+    # Few distinct values, the same for most rows: made once, not per row.
+    return _Version(version, number), _Datastore(datastore)
+
+
+def _view_row(row: Any) -> ViewRow:
+    fields = list(row)
+    for index in _JSON_FIELDS:
+        fields[index] = _json_value(fields[index])
+    for index in _TIME_FIELDS:
+        fields[index] = _time(fields[index])
+    for index, members in _ENUM_FIELDS:
+        if fields[index] is not None:
+            fields[index] = members[fields[index]]
+    for index in _BOOL_FIELDS:
+        fields[index] = bool(fields[index])
+    values = _ViewValues._make(fields)
+    status = (
+        _Status(values.service_status, values.service_updated)
+        if values.service_status is not None
+        else None
+    )
+    configuration = (
+        _Named(values.configuration_ref, values.configuration_name)
+        if values.configuration_ref is not None
+        else None
+    )
+    version, datastore = _versions(
+        values.version_name, values.version_number, values.datastore_name
+    )
+    return ViewRow(
+        values,
+        status,
+        version,
+        datastore,
+        configuration,
+        bool(values.backup_running),
+    )
+
+
+def view_rows(db: Reader, ids: Sequence[str]) -> list[ViewRow]:
     """The ``ViewRow`` of each of ``ids`` that exists, in the order of ``ids``; one query."""
     if not ids:
         return []
     if len(ids) == 1:  # a show: no list to expand into the statement
-        return [ViewRow(*values) for values in session.execute(_VIEW_ROW, {"id": ids[0]})]
+        return [_view_row(values) for values in db.execute(_VIEW_ROW, {"id": ids[0]})]
     found = {
         row.inst.id: row
-        for row in (ViewRow(*values) for values in session.execute(_VIEW_ROWS, {"ids": list(ids)}))
+        for row in (_view_row(values) for values in db.execute(_VIEW_ROWS, {"ids": list(ids)}))
     }
     return [found[i] for i in ids if i in found]
 
 
-def load_view_row(session: Session, ctx: RequestContext, instance_id: str) -> ViewRow:
+def page_values(db: Reader, project_id: str, limit: int, marker: str | None = None) -> list[Any]:
+    """Up to ``limit`` of the project's instances (not deleted), newest first, after the one
+    ``marker`` names, as rows of ``_VIEW_COLUMNS`` (see ``render_values``); ``BadRequest`` when
+    ``marker`` is not one of them. One query (two with a marker)."""
+    params: dict[str, Any] = {"tenant": project_id, "limit": limit}
+    statement = _PAGE
+    if marker:
+        after = db.execute(_MARKER, {"id": marker}).first()
+        if after is None or after.deleted or after.tenant_id != project_id:
+            raise BadRequest(f"Marker {marker} does not name an instance in this list.")
+        statement = _PAGE_AFTER
+        params.update(created=after.created, after=after.id)
+    return list(db.execute(statement, params).all())
+
+
+def shown_values(db: Reader, ctx: RequestContext, instance_id: str) -> Any:
+    """The row of ``_VIEW_COLUMNS`` of the caller's instance ``instance_id``; the same
+    ``NotFound`` as ``load_instance`` for one the caller may not see. One query."""
+    values = db.execute(_VIEW_ROW, {"id": instance_id}).first()
+    if (
+        values is None
+        or values.deleted
+        or (values.tenant_id != ctx.project_id and not ctx.auth.is_admin)
+    ):
+        raise NotFound(f"Instance {instance_id} could not be found.")
+    return values
+
+
+def render_values(
+    request: Request, ctx: RequestContext, db: Reader, rows: Sequence[Any], detail: bool
+) -> list[dict[str, Any]]:
+    """``render_view_rows`` for rows of ``_VIEW_COLUMNS`` (``page_values``, ``shown_values``)."""
+    return render_view_rows(request, ctx, db, [_view_row(values) for values in rows], detail)
+
+
+_NO_TASK = Task.NONE.value
+
+
+class RenderedViews:
+    """The JSON of instance views, by the rows they were rendered from.
+
+    A list page or a show reads its rows from the control DB on every request (one query, as
+    always); when those rows are exactly, column for column, the rows an earlier request
+    rendered, and everything else a view depends on is the same too (whether each status
+    report is older than the heartbeat expiry now, the caller's base URL, project and admin
+    role, list or detail), the JSON rendered then is the JSON this request would render, and is
+    answered again. Any write to a column the views show, by any process, makes the rows
+    differ, so nothing stale is ever served; what is saved is turning the rows into views and
+    the views into JSON. Rows whose views take anything from elsewhere are never kept:
+    instances with a task in flight (a restore's progress) and detail views with a fault.
+
+    At most ``size`` entries (a few tens of KB each); when full, it starts again. Thread-safe
+    (single dict operations). ``hits`` and ``misses`` count lookups.
+    """
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self._json: dict[Any, bytes] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, rows: Sequence[Any], stale_before: datetime, *caller: Any) -> Any:
+        """What ``rows`` render to depends on, or None when they may not be kept."""
+        stale = []
+        for values in rows:
+            if values.task != _NO_TASK:
+                return None
+            updated = _time(values.service_updated)
+            stale.append(updated is not None and updated < stale_before)
+        key = (tuple(tuple(values) for values in rows), tuple(stale), caller)
+        try:
+            hash(key)
+        except TypeError:  # a driver that decodes JSON columns itself: dicts do not hash
+            return None
+        return key
+
+    def get(self, key: Any) -> bytes | None:
+        found = self._json.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key: Any, rendered: bytes) -> None:
+        if len(self._json) >= self.size:
+            self._json.clear()
+        self._json[key] = rendered
+
+
+def rendered_views(request: Request) -> RenderedViews | None:
+    """The app's ``RenderedViews`` (one per API process, made on first use); None when
+    ``app.state.coffer_rendered_views`` is ``False`` (turned off, e.g. to measure without)."""
+    state = request.app.state
+    memo: RenderedViews | bool | None = getattr(state, "coffer_rendered_views", None)
+    if memo is False:
+        return None
+    if not isinstance(memo, RenderedViews):
+        memo = state.coffer_rendered_views = RenderedViews()
+    return memo
+
+
+def render_json(
+    request: Request, ctx: RequestContext, db: Reader, rows: Sequence[Any], detail: bool
+) -> bytes:
+    """The JSON array of the views of ``rows`` (see ``render_values``), answered from the
+    app's ``RenderedViews`` when it has them."""
+    memo = rendered_views(request)
+    key = None
+    if memo is not None:
+        expiry = control_plane(request).settings.default.agent_heartbeat_expiry
+        stale_before = utcnow() - timedelta(seconds=expiry)
+        key = memo.key(rows, stale_before, base_url(request), ctx.project_url, ctx.is_admin, detail)
+        if key is not None:
+            found = memo.get(key)
+            if found is not None:
+                return found
+    views = render_values(request, ctx, db, rows, detail)
+    rendered = pydantic_core.to_json(views)
+    faulty = detail and any("fault" in view or view["status"] == "ERROR" for view in views)
+    if memo is not None and key is not None and not faulty:
+        memo.put(key, rendered)
+    return rendered
+
+
+def load_view_row(db: Reader, ctx: RequestContext, instance_id: str) -> ViewRow:
     """``load_instance`` (the same 404 for an instance the caller may not see) and, in the same
     query, what its view needs."""
-    rows = view_rows(session, [instance_id])
+    rows = view_rows(db, [instance_id])
     inst = rows[0].inst if rows else None
     if inst is None or inst.deleted or (inst.tenant_id != ctx.project_id and not ctx.auth.is_admin):
         raise NotFound(f"Instance {instance_id} could not be found.")
     return rows[0]
 
 
-def _latest_faults(session: Session, ids: Sequence[str]) -> dict[str, InstanceFault]:
+def _latest_faults(db: Reader, ids: Sequence[str]) -> dict[str, FaultFields]:
     """The newest fault of each of ``ids`` that has one; one query."""
-    faults: dict[str, InstanceFault] = {}
+    faults: dict[str, FaultFields] = {}
     if ids:
-        for fault in session.scalars(_LATEST_FAULTS, {"ids": list(ids)}):
+        for fault in db.execute(_LATEST_FAULTS, {"ids": list(ids)}):
             faults.setdefault(fault.instance_id, fault)
     return faults
 
 
-def configuration_view(group: Configuration, project_url: str) -> dict[str, Any]:
+def configuration_view(group: ConfigurationFields, project_url: str) -> dict[str, Any]:
     """Trove's ``configuration`` of an instance detail view: ``{id, name, links}``."""
     base = project_url.rsplit("/v1.0/", 1)[0]
     return {
@@ -155,7 +475,7 @@ def configuration_view(group: Configuration, project_url: str) -> dict[str, Any]
 def render_view_rows(
     request: Request,
     ctx: RequestContext,
-    session: Session,
+    db: Reader,
     rows: Sequence[ViewRow],
     detail: bool,
 ) -> list[dict[str, Any]]:
@@ -167,8 +487,9 @@ def render_view_rows(
     cp = control_plane(request)
     base = base_url(request)
     expiry = cp.settings.default.agent_heartbeat_expiry
+    stale_before = utcnow() - timedelta(seconds=expiry)
     admin = ctx.auth.is_admin
-    faults: dict[str, InstanceFault] = {}
+    faults: dict[str, FaultFields] = {}
     if detail:
         failed = [
             row.inst.id
@@ -177,11 +498,11 @@ def render_view_rows(
             or trove_status(
                 row.inst.task,
                 row.inst.server_status,
-                effective_service_status(row.inst, row.status, expiry),
+                effective_service_status(row.inst, row.status, expiry, stale_before),
             )
             == "ERROR"
         ]
-        faults = _latest_faults(session, failed)
+        faults = _latest_faults(db, failed)
     views = []
     for row in rows:
         view = instance_view(
@@ -194,6 +515,7 @@ def render_view_rows(
             heartbeat_expiry=expiry,
             detail=detail,
             admin=admin,
+            stale_before=stale_before,
         )
         if row.backup_running and row.inst.task is Task.NONE:
             view["status"] = "BACKUP"
@@ -211,7 +533,7 @@ def render_instances(
     detail: bool,
 ) -> list[dict[str, Any]]:
     """The views of ``instances`` (see ``render_view_rows``), their relations read in one
-    query whatever their number."""
+    query whatever their number (changes pending in ``session`` included)."""
     rows = view_rows(session, [inst.id for inst in instances])
     return render_view_rows(request, ctx, session, rows, detail)
 
@@ -288,6 +610,50 @@ def paginated(
         url = request.url.include_query_params(limit=limit, marker=next_marker)
         body["links"] = [{"rel": "next", "href": str(url)}]
     return body
+
+
+def paginated_json(
+    request: Request, items: bytes, next_marker: str | None, key: str, limit: int
+) -> bytes:
+    """``paginated`` rendered, for ``items`` already rendered as a JSON array: the same bytes
+    as rendering ``paginated``'s body."""
+    links = b""
+    if next_marker is not None:
+        links = b',"links":' + _next_links(request, limit, next_marker)
+    return b"{" + pydantic_core.to_json(key) + b":" + items + links + b"}"
+
+
+_next_links_made: dict[tuple[Any, ...], bytes] = {}
+
+
+def _next_links(request: Request, limit: int, marker: str) -> bytes:
+    """``[{"rel": "next", "href": ...}]`` as JSON, remembered by everything the href is made of
+    (the request's own URL, ``limit`` and ``marker``): building a URL costs more than a page's
+    SQL."""
+    scope = request.scope
+    key = (
+        scope.get("scheme"),
+        _scope_value(scope.get("server")),
+        scope.get("root_path"),
+        scope["path"],
+        scope.get("query_string"),
+        request.headers.get("host"),
+        limit,
+        marker,
+    )
+    made = _next_links_made.get(key)
+    if made is None:
+        url = request.url.include_query_params(limit=limit, marker=marker)
+        made = pydantic_core.to_json([{"rel": "next", "href": str(url)}])
+        if len(_next_links_made) >= 1024:
+            _next_links_made.clear()
+        _next_links_made[key] = made
+    return made
+
+
+def _scope_value(value: Any) -> Any:
+    # ASGI servers give lists where the spec says tuples (the test client does).
+    return tuple(value) if isinstance(value, list) else value
 
 
 def page_size(request: Request, value: int | None, default: int) -> int:

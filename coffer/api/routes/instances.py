@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy import and_, bindparam, or_, select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from coffer import quotas
@@ -28,7 +28,7 @@ from coffer.api.instance_schemas import (
     InstanceUpdateBody,
 )
 from coffer.api.policy import authorize, enforce
-from coffer.api.responses import JSONBody
+from coffer.api.responses import JSONBytes
 from coffer.api.routes import quotas as quota_routes
 from coffer.api.routes.backups import (
     fail_running_backups,
@@ -38,12 +38,12 @@ from coffer.api.routes.backups import (
 from coffer.api.routes.instance_support import (
     control_plane,
     load_instance,
-    load_view_row,
     page_size,
-    paginated,
+    page_values,
+    paginated_json,
     render_instance,
-    render_view_rows,
-    view_rows,
+    render_json,
+    shown_values,
     wake_taskmanager,
 )
 from coffer.catalog import find_flavor, resolve_datastore_version
@@ -85,47 +85,33 @@ NOT_YET = {
 # --- instances ---------------------------------------------------------------------------------
 
 
-# A page is two queries: the ids of the page (narrow, so sorting the project's instances is
-# cheap), then those instances with everything their views need (``view_rows``). Both are built
-# once; a request only binds values.
-_PAGE_IDS = (
-    select(Instance.id)
-    # ix_instances_page (tenant_id, deleted, created, id) serves the filter and the order: a
-    # page costs O(the page), not O(the project's instances).
-    .where(Instance.tenant_id == bindparam("tenant"), Instance.deleted.is_(False))
-    .order_by(Instance.created.desc(), Instance.id.desc())
-    .limit(bindparam("limit"))
-)
-_PAGE_IDS_AFTER = _PAGE_IDS.where(
-    or_(
-        Instance.created < bindparam("created"),
-        and_(Instance.created == bindparam("created"), Instance.id < bindparam("after")),
-    )
-)
-
-
-def _list(
-    request: Request, ctx: RequestContext, limit: int | None, marker: str | None, detail: bool
-) -> dict[str, Any]:
-    """One page, newest first, keyed on (created, id); a constant number of queries whatever
-    the page size."""
+def list_page(
+    conn: Connection,
+    request: Request,
+    ctx: RequestContext,
+    limit: int | None,
+    marker: str | None,
+    detail: bool,
+) -> bytes:
+    """One page as JSON, newest first, keyed on (created, id): one query (two with a marker)
+    whatever the page size, on a read-only connection, without ORM objects (views of rows an
+    earlier request rendered are taken from ``RenderedViews``)."""
     cp = control_plane(request)
     page = page_size(request, limit, cp.settings.default.instances_page_size)
-    params: dict[str, Any] = {"tenant": ctx.project_id, "limit": page + 1}
-    with cp.session_factory() as session:
-        statement = _PAGE_IDS
-        if marker:
-            after = session.get(Instance, marker)
-            if after is None or after.deleted or after.tenant_id != ctx.project_id:
-                raise BadRequest(f"Marker {marker} does not name an instance in this list.")
-            statement = _PAGE_IDS_AFTER
-            params.update(created=after.created, after=after.id)
-        ids = list(session.scalars(statement, params))
-        more = len(ids) > page
-        rows = view_rows(session, ids[:page])
-        items = render_view_rows(request, ctx, session, rows, detail)
-    next_marker = rows[-1].inst.id if more and rows else None
-    return paginated(request, items, next_marker, "instances", page)
+    rows = page_values(conn, ctx.project_id, page + 1, marker)
+    more = len(rows) > page
+    rows = rows[:page]
+    items = render_json(request, ctx, conn, rows, detail)
+    next_marker = rows[-1].id if more and rows else None
+    return paginated_json(request, items, next_marker, "instances", page)
+
+
+def show_view(conn: Connection, request: Request, ctx: RequestContext, instance_id: str) -> bytes:
+    """``{"instance": <detail view>}`` as JSON, or ``NotFound`` for an instance the caller may
+    not see; one query."""
+    values = shown_values(conn, ctx, instance_id)
+    view = render_json(request, ctx, conn, [values], detail=True)
+    return b'{"instance":' + view[1:-1] + b"}"
 
 
 @router.get("/instances")
@@ -135,8 +121,9 @@ def list_instances(
     limit: int | None = Query(None),
     marker: str | None = Query(None),
     include_clustered: str | None = Query(None),
-) -> JSONBody:
-    return JSONBody(_list(request, ctx, limit, marker, detail=False))
+) -> JSONBytes:
+    with control_plane(request).engine.connect() as conn:
+        return JSONBytes(list_page(conn, request, ctx, limit, marker, detail=False))
 
 
 @router.get("/instances/detail")
@@ -145,8 +132,9 @@ def list_instances_detail(
     ctx: Annotated[RequestContext, Depends(authorize("instance:detail"))],
     limit: int | None = Query(None),
     marker: str | None = Query(None),
-) -> JSONBody:
-    return JSONBody(_list(request, ctx, limit, marker, detail=True))
+) -> JSONBytes:
+    with control_plane(request).engine.connect() as conn:
+        return JSONBytes(list_page(conn, request, ctx, limit, marker, detail=True))
 
 
 @router.get("/instances/{instance_id}")
@@ -154,12 +142,9 @@ def show_instance(
     request: Request,
     instance_id: str,
     ctx: Annotated[RequestContext, Depends(authorize("instance:show"))],
-) -> JSONBody:
-    cp = control_plane(request)
-    with cp.session_factory() as session:
-        row = load_view_row(session, ctx, instance_id)
-        (view,) = render_view_rows(request, ctx, session, [row], detail=True)
-    return JSONBody({"instance": view})
+) -> JSONBytes:
+    with control_plane(request).engine.connect() as conn:
+        return JSONBytes(show_view(conn, request, ctx, instance_id))
 
 
 @router.get("/instances/{instance_id}/events")
