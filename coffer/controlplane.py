@@ -8,6 +8,7 @@ start; ``coffer up`` builds one and hands it to all three services.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
@@ -15,17 +16,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.bus import keys
 from coffer.bus.rpc import RpcClient
 from coffer.bus.topics import CONDUCTOR_TOPIC, CONTROL_KEY_ID, TASKMANAGER_TOPIC, guest_topic
 from coffer.bus.transport import EmbeddedBroker, resolve_url
+from coffer.compute.zygote import remember_redis_version
 from coffer.config import Settings
 from coffer.db import migrate
 from coffer.db.models import Instance
-from coffer.db.session import make_engine, make_session_factory
+from coffer.db.session import WRITE_OPTION, make_engine, make_session_factory
 from coffer.errors import NotFound
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +42,69 @@ def prepare_state_dir(path: Path) -> None:
         path.chmod(0o711)
 
 
+#: How long a writer waits for the process's SQLite write turn before it goes on to SQLite's
+#: own lock anyway (which then waits up to its busy timeout, as without the gate).
+WRITE_GATE_TIMEOUT = 10.0
+_GATE_HELD = "coffer_write_gate"
+
+
+class WriteGate:
+    """Write transactions of one process on a SQLite control DB, one at a time, in arrival
+    order.
+
+    SQLite lets one writer in at a time; the others retry ``BEGIN IMMEDIATE`` from its busy
+    handler, which sleeps 1, 2, 5, 10 ... up to 100 ms between tries whether or not the lock
+    was freed meanwhile. With ten creates, their polls and the API's writes in one process,
+    a write waited up to most of a second for a lock held a few milliseconds at a time. Here
+    the process's writers queue on a condition instead and each is woken as the one before it
+    commits; SQLite's lock (and its busy timeout) still orders this process against others.
+    A thread that already holds the gate (a write inside a write) and a writer that waited
+    ``WRITE_GATE_TIMEOUT`` go straight on to SQLite's lock, exactly as without the gate.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+
+    def acquire(self, timeout: float = WRITE_GATE_TIMEOUT) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                return False
+            if not self._cond.wait_for(lambda: self._owner is None, timeout):
+                return False
+            self._owner = me
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._owner = None
+            self._cond.notify()
+
+    def install(self, engine: Engine) -> None:
+        """Gate ``engine``'s write transactions (those ``coffer.db.session.transaction``
+        opens): taken before their ``BEGIN IMMEDIATE``, given back when the connection goes
+        back to the pool, which a session does as its transaction ends: after the ``COMMIT``
+        (or rollback) has finished. (SQLAlchemy's ``commit`` event comes before the driver's
+        commit, which may take long while SQLite checkpoints its log; the next writer would
+        meet SQLite's lock and its sleeps again.)"""
+
+        def begin(conn: Any) -> None:
+            if conn.get_execution_options().get(WRITE_OPTION) and self.acquire():
+                conn.info[_GATE_HELD] = True
+
+        def checkin(_dbapi_conn: Any, record: Any) -> None:
+            if record is not None and record.info.pop(_GATE_HELD, False):
+                self.release()
+
+        # Before the listener of make_engine that sends BEGIN IMMEDIATE.
+        event.listen(engine, "begin", begin, insert=True)
+        event.listen(engine.pool, "checkin", checkin)
+        # A connection the pool lets go of without a checkin (dropped after an error, or
+        # collected unreturned) gives its turn back too.
+        event.listen(engine.pool, "detach", checkin)
+
+
 class ControlPlane:
     """Shared resources of one control-plane process. Thread-safe."""
 
@@ -47,9 +112,15 @@ class ControlPlane:
         self.settings = settings
         prepare_state_dir(settings.state_dir)
         self.engine: Engine = make_engine(settings.database_url)
+        if self.engine.dialect.name == "sqlite":
+            WriteGate().install(self.engine)
         if migrate_db:
             migrate.upgrade(self.engine)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
+        # Every bus connection (a reply queue per guest client, the conductor's, ...) would
+        # otherwise read the installed packages' metadata to learn redis-py's version: a
+        # fifth of this process's CPU during a burst of creates.
+        remember_redis_version()
         self.master_key = keys.load_or_create_master_key(settings.master_key_path)
         self.control_key = keys.derive_key(self.master_key, "control-bus")
         self.broker: EmbeddedBroker | None = None
@@ -86,9 +157,15 @@ class ControlPlane:
     # -- per-instance keys and guest clients -----------------------------------------------------
 
     def new_instance_key(self, instance_id: str) -> tuple[bytes, str]:
-        """A fresh CSPRNG key for an instance, and its master-key-wrapped form for the DB."""
+        """A fresh CSPRNG key for an instance, and its master-key-wrapped form for the DB.
+
+        The key is also kept in this process's cache, so a taskmanager in the same process
+        (``coffer up``) does not read and unwrap it again for the instance's first steps."""
         key = keys.generate_key()
-        return key, keys.wrap_key(self.master_key, key, instance_id)
+        wrapped = keys.wrap_key(self.master_key, key, instance_id)
+        with self._lock:
+            self._instance_keys[instance_id] = key
+        return key, wrapped
 
     def instance_key(self, instance_id: str, session: Session | None = None) -> bytes:
         with self._lock:
@@ -132,15 +209,22 @@ class ControlPlane:
         if client is not None:
             client.close()
 
-    def guest_config(self, instance: Instance, addresses: dict[str, str | None]) -> dict[str, Any]:
-        """What a guest agent is told at boot (written 0600 into its volume; holds its key)."""
+    def guest_config(
+        self,
+        instance: Instance,
+        addresses: dict[str, str | None],
+        session: Session | None = None,
+    ) -> dict[str, Any]:
+        """What a guest agent is told at boot (written 0600 into its volume; holds its key).
+        Read in ``session`` when given (the caller's, which read ``instance``)."""
         from coffer.db.models import DatastoreVersion, Flavor
 
-        with self.session_factory() as session:
-            version = session.get(DatastoreVersion, instance.datastore_version_id)
-            flavor = session.get(Flavor, instance.flavor_id)
+        with contextlib.ExitStack() as stack:
+            db = session if session is not None else stack.enter_context(self.session_factory())
+            version = db.get(DatastoreVersion, instance.datastore_version_id)
+            flavor = db.get(Flavor, instance.flavor_id)
+            key = self.instance_key(instance.id, db)
         assert version is not None and flavor is not None
-        key = self.instance_key(instance.id)
         return {
             "instance_id": instance.id,
             "manager": version.manager,

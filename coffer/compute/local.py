@@ -81,6 +81,9 @@ from coffer.compute.zygote import SOCKET_NAME as ZYGOTE_SOCKET
 from coffer.config import Settings
 from coffer.db.session import make_engine
 from coffer.errors import ComputeError, ValidationError
+from coffer.guest.datastores.template import MARKER as TEMPLATE_MARKER
+from coffer.guest.datastores.template import SPARES as TEMPLATE_SPARES
+from coffer.guest.datastores.template import SPARES_DIR as TEMPLATE_SPARES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +274,36 @@ class LocalCompute(ComputeDriver):
         """Have the zygote top up the ready copies of the host's templates in the background
         (see ``TemplateStore.make_spares``), so the next creates need not copy one. Called
         after a create; does nothing without a zygote, and never raises."""
-        if not self.use_zygote:
+        if not self.use_zygote or not self._spares_missing():
             return
         try:
             self._ask_zygote(None)
         except OSError as exc:
             log.info("the zygote did not take the request for spare copies (%s)", exc)
+
+    def _spares_missing(self) -> bool:
+        """Whether some complete template has fewer ready copies than are kept (or that
+        cannot be told): a look at two directory levels, so a create that took no ready copy
+        (a Redis create, say) does not cost a fork of the zygote that would find nothing to
+        do."""
+        try:
+            for entry in os.scandir(self.templates_dir):
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                if not os.path.exists(os.path.join(entry.path, TEMPLATE_MARKER)):
+                    continue
+                spares = self.templates_dir / TEMPLATE_SPARES_DIR / entry.name
+                try:
+                    ready = sum(1 for e in os.scandir(spares) if e.name.startswith("ready-"))
+                except FileNotFoundError:
+                    ready = 0
+                if ready < TEMPLATE_SPARES:
+                    return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return False
 
     def _ask_zygote(self, directory: Path | None) -> int:
         """Have the zygote start ``directory``'s supervisor (None: make spare copies of the

@@ -63,6 +63,12 @@ PRELOAD = (
     # kombu picks its transport at the first connection; both are loaded ahead.
     "kombu.transport.redis",
     "kombu.transport.pyamqp",
+    # kombu's package loads these only when its names are first used (an agent's first
+    # connection), which every fork would otherwise do for itself.
+    "kombu.connection",
+    "kombu.entity",
+    "kombu.messaging",
+    "kombu.common",
 )
 
 log = logging.getLogger("coffer.compute.zygote")
@@ -76,7 +82,7 @@ def preload() -> list[str]:
             importlib.import_module(name)
         except Exception as exc:  # an engine's driver may be missing; its agents import lazily
             missing.append(f"{name} ({type(exc).__name__}: {exc})")
-    _remember_redis_version()
+    remember_redis_version()
     _detect_engine_versions()
     # Objects made so far are never collected: the collector would otherwise write to (and so
     # copy) every inherited page of every fork the first time it runs there.
@@ -85,11 +91,12 @@ def preload() -> list[str]:
     return missing
 
 
-def _remember_redis_version() -> None:
+def remember_redis_version() -> None:
     """redis-py looks its own version up in the installed packages' metadata (files read
     along ``sys.path``) for every connection it makes, to announce itself to the server; an
     agent makes several (the bus's, the engine's admin connections) while it starts, all on
-    the way to a ready instance. Looked up once here, the forks inherit the answer."""
+    the way to a ready instance. Looked up once here, the forks inherit the answer. (The
+    control plane does the same at start: each guest client's reply connection paid it.)"""
     try:
         import redis.utils
     except ImportError:

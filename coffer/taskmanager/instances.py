@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from coffer import quotas
 from coffer.bus import keys
@@ -24,7 +24,14 @@ from coffer.db.session import transaction
 from coffer.errors import CofferError, RemoteError, RpcTimeout
 from coffer.status import ServerStatus, ServiceStatus, Task
 from coffer.taskmanager.backups import RestoreStep, purge_unfinished_objects
-from coffer.taskmanager.operations import NEXT, Context, Flow, OperationFailed, StepResult, Wait
+from coffer.taskmanager.operations import (
+    NEXT,
+    Context,
+    Flow,
+    OperationFailed,
+    StepResult,
+    Wait,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -46,12 +53,36 @@ def record_fault(session: Any, instance_id: str, message: str, details: str = ""
     session.add(InstanceFault(instance_id=instance_id, message=message[:255], details=details))
 
 
+#: What ``wait_ready`` polls: the instance's build state and its engine's reported status.
+_WAIT_READY = (
+    select(Instance.deleted, Instance.task, ServiceStatusRow.status)
+    .outerjoin(ServiceStatusRow, ServiceStatusRow.instance_id == Instance.id)
+    .where(Instance.id == bindparam("instance_id"))
+)
+
+
+class _RestoreWhenAsked:
+    """The create's ``restore`` step (``RestoreStep``), passed over by the runner (``skip``)
+    when the create names no backup: no transaction to run or record it."""
+
+    def __init__(self, step: RestoreStep) -> None:
+        self.step = step
+
+    def __call__(self, ctx: Context) -> StepResult:
+        return self.step(ctx)
+
+    @staticmethod
+    def skip(ctx: Context) -> bool:
+        return not ctx.payload.get("restore")
+
+
 class InstanceFlows:
     """Builds the create/delete flows bound to one control plane and compute driver."""
 
     def __init__(self, cp: ControlPlane, compute: ComputeDriver) -> None:
         self.cp = cp
         self.compute = compute
+        self._restore = _RestoreWhenAsked(RestoreStep(cp))
         # A driver that can get ready for creates ahead (the local driver's zygote) does so in
         # the background, so the first create does not wait for it.
         warm = getattr(compute, "warm", None)
@@ -66,7 +97,7 @@ class InstanceFlows:
                     ("allocate", self.allocate),
                     ("create_server", self.create_server),
                     # A no-op unless the create restores a backup (restorePoint).
-                    ("restore", RestoreStep(self.cp)),
+                    ("restore", self._restore),
                     ("prepare", self.prepare),
                     ("wait_ready", self.wait_ready),
                 ],
@@ -96,37 +127,57 @@ class InstanceFlows:
                 f"Instance {inst.id} is no longer being built (task {inst.task.value})."
             )
 
+    def _building_row(self, session: Any, instance_id: str) -> Instance:
+        """The instance's row in a step's recording transaction, checked to be still in BUILD
+        (a delete may have come in since the step read it)."""
+        row = session.get(Instance, instance_id)
+        if row is None:
+            raise OperationFailed(f"Instance {instance_id} no longer exists.")
+        self._ensure_still_building(row)
+        return row
+
     def allocate(self, ctx: Context) -> StepResult:
         inst = self._instance(ctx)
         self._ensure_still_building(inst)
-        with transaction(self.cp.session_factory) as session:
-            private, public = self.compute.allocate_addresses(
-                session, inst.id, bool(inst.access.get("is_public"))
-            )
-            row = session.get(Instance, inst.id)
-            assert row is not None
+        is_public = bool(inst.access.get("is_public"))
+
+        # In the transaction that records the step: create_server (the next step) reads the
+        # committed allocation.
+        def write(session: Any) -> None:
+            row = self._building_row(session, inst.id)
+            private, public = self.compute.allocate_addresses(session, inst.id, is_public)
             row.compute_ref = {**row.compute_ref, "private": private, "public": public}
-        ctx.payload["addresses"] = {"private": private, "public": public}
+            ctx.payload["addresses"] = {"private": private, "public": public}
+
+        ctx.record(write)
         return NEXT
 
     def create_server(self, ctx: Context) -> StepResult:
-        inst = self._instance(ctx)
-        self._ensure_still_building(inst)
+        assert ctx.instance_id is not None
         addresses = ctx.payload["addresses"]
+        with self.cp.session_factory() as session:  # one read for the instance and its config
+            inst = session.get(Instance, ctx.instance_id)
+            if inst is None:
+                raise OperationFailed(f"Instance {ctx.instance_id} no longer exists.")
+            self._ensure_still_building(inst)
+            guest_config = self.cp.guest_config(inst, addresses, session)
         spec = ServerSpec(
             instance_id=inst.id,
-            guest_config=self.cp.guest_config(inst, addresses),
+            guest_config=guest_config,
             is_public=addresses.get("public") is not None,
         )
         info = self.compute.create_server(spec)
-        with transaction(self.cp.session_factory) as session:
+
+        def write(session: Any) -> None:
             row = session.get(Instance, inst.id)
-            assert row is not None
-            row.compute_ref = {
-                **row.compute_ref,
-                "volume_dir": str(info.volume_dir),
-                "supervisor_pid": info.supervisor_pid,
-            }
+            if row is not None:
+                row.compute_ref = {
+                    **row.compute_ref,
+                    "volume_dir": str(info.volume_dir),
+                    "supervisor_pid": info.supervisor_pid,
+                }
+
+        ctx.record(write)
         return NEXT
 
     def prepare(self, ctx: Context) -> StepResult:
@@ -169,37 +220,32 @@ class InstanceFlows:
 
     def wait_ready(self, ctx: Context) -> StepResult:
         assert ctx.instance_id is not None
-        # A poll (the guest's report reaches the control DB through the conductor): read only
-        # the two rows' few columns, and take the write lock only to record the outcome.
+        # A poll (the guest's report reaches the control DB through the conductor): one read
+        # of the two rows' few columns; the outcome is written with the operation's end.
         with self.cp.session_factory() as session:
-            building = session.execute(
-                select(Instance.deleted, Instance.task).where(Instance.id == ctx.instance_id)
-            ).first()
-            observed = session.execute(
-                select(ServiceStatusRow.status).where(
-                    ServiceStatusRow.instance_id == ctx.instance_id
-                )
-            ).scalar()
+            building = session.execute(_WAIT_READY, {"instance_id": ctx.instance_id}).first()
         if building is None:
             raise OperationFailed(f"Instance {ctx.instance_id} no longer exists.")
         if building.deleted or building.task is not Task.BUILDING:
             raise OperationFailed(
                 f"Instance {ctx.instance_id} is no longer being built (task {building.task.value})."
             )
-        observed = observed or ServiceStatus.NEW
+        observed = building.status or ServiceStatus.NEW
         if observed in (ServiceStatus.FAILED, ServiceStatus.CRASHED):
             raise OperationFailed(f"The database engine reported {observed.value}.")
         if observed not in (ServiceStatus.RUNNING, ServiceStatus.HEALTHY):
             return Wait(0.05)
-        inst = self._instance(ctx)
-        self._ensure_still_building(inst)
-        with transaction(self.cp.session_factory) as session:
-            row = session.get(Instance, inst.id)
-            assert row is not None
+        instance_id = ctx.instance_id
+
+        # With the operation's end, in one transaction; still in BUILD is checked in it.
+        def write(session: Any) -> None:
+            row = self._building_row(session, instance_id)
             row.task = Task.NONE
             row.task_description = ""
             row.server_status = ServerStatus.ACTIVE
-        LOG.info("instance %s is ready", inst.id)
+            LOG.info("instance %s is ready", instance_id)
+
+        ctx.record(write)
         return NEXT
 
     def create_failed(self, ctx: Context, failure: OperationFailed) -> None:

@@ -10,6 +10,10 @@ again later, for polling), or raises:
 * any other exception - a transient fault: the step is retried with backoff until
   ``max_attempts``, then treated as ``OperationFailed``.
 
+A step hands the writes that complete it to ``Context.record``: they commit in the transaction
+that records its outcome, or not at all. A step object with a ``skip(ctx)`` method that answers
+true is passed over for that operation, with no transaction.
+
 Two taskmanagers never run one operation at once: an operation is *leased* (owner + expiry) in the
 same transaction that reads it, and the lease is renewed before every step. A lease whose owner
 died on this host (its pid is gone) is taken over at once; others expire after ``LEASE_SECONDS``.
@@ -27,9 +31,9 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, Table, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.db.models import Operation, utcnow
@@ -64,6 +68,9 @@ class Wait:
 NEXT = object()
 StepResult = Any  # NEXT or Wait
 
+#: A write a step leaves to the transaction that records its outcome (``Context.record``).
+Write = Callable[[Session], None]
+
 
 @dataclass
 class Context:
@@ -73,6 +80,21 @@ class Context:
     instance_id: str | None
     payload: dict[str, Any]
     attempts: int
+    #: Writes to make in the transaction that records the step's outcome (see ``record``).
+    writes: list[Write] = field(default_factory=list)
+
+    def record(self, write: Write) -> None:
+        """Have ``write(session)`` run in the transaction that records this step's outcome
+        (and the payload), instead of a transaction of the step's own: the step's writes and
+        its completion commit together, and a create takes the control DB's write lock once
+        per step. ``write`` may raise ``OperationFailed`` (nothing of it is kept, the operation
+        fails); if the operation is no longer this runner's, nothing is written and the step
+        runs again wherever it is resumed, so what ``write`` does must be safe to do again."""
+        self.writes.append(write)
+
+    def take_writes(self) -> list[Write]:
+        writes, self.writes = self.writes, []
+        return writes
 
 
 Step = Callable[[Context], StepResult]
@@ -87,6 +109,19 @@ class Flow:
 
     def step_names(self) -> list[str]:
         return [name for name, _ in self.steps]
+
+    def next_index(self, index: int, ctx: Context) -> int:
+        """The index of the step to run after step ``index``: steps that say, by a ``skip``
+        method of theirs, that they have nothing to do for this operation (a create's
+        ``restore`` when no backup is named) are passed over, so neither running nor
+        recording them costs a transaction. ``len(steps)`` when none is left."""
+        following = index + 1
+        while following < len(self.steps):
+            skip = getattr(self.steps[following][1], "skip", None)
+            if not callable(skip) or not skip(ctx):
+                break
+            following += 1
+        return following
 
 
 def owner_id() -> str:
@@ -160,9 +195,22 @@ class OpTimings:
         )
 
 
+_OPERATIONS = cast(Table, Operation.__table__)
+#: The guarded UPDATE that records a step's outcome (``Runner._record``).
+_RECORD = update(_OPERATIONS).where(
+    _OPERATIONS.c.id == bindparam("op_id"),
+    _OPERATIONS.c.lease_owner == bindparam("owner"),
+    _OPERATIONS.c.state.in_((PENDING, RUNNING)),
+)
+
+
+class _NotOurs(Exception):
+    """The operation was taken over or ended elsewhere: roll the step's record back."""
+
+
 @dataclass
 class _Current:
-    """The step a worker is about to run, as read (with the lease renewed) in one transaction."""
+    """The step a worker is about to run, its flow, context and the operation's deadline."""
 
     flow: Flow
     step_name: str
@@ -173,12 +221,14 @@ class _Current:
 class Runner:
     """Claims runnable operations and drives them through their flows.
 
-    Each step boundary is one transaction: the one that records a step's outcome also renews
-    the lease and reads the next step. A step that asks to run again soon (``Wait`` of at most
-    ``INLINE_WAIT_MAX`` s, a poll) is run again by the same worker, up to ``INLINE_WAIT_BUDGET``
-    s in all, without going back through ``claim``; in between, the operation is only read
-    (is it still ours?), and written only when the step changed its payload or the lease is a
-    third used up. ``stopping`` (set by the taskmanager) cuts those waits short.
+    Each step boundary is one transaction: the step's own writes (``Context.record``), then
+    one guarded UPDATE of the operation with its payload, the next step's name and a renewed
+    lease; steps that have nothing to do (``Flow.next_index``) are passed over. A step that
+    asks to run again soon (``Wait`` of at most ``INLINE_WAIT_MAX`` s, a poll) is run again by
+    the same worker, up to ``INLINE_WAIT_BUDGET`` s in all, without going back through
+    ``claim``; in between, the operation is only read (is it still ours?), and written only
+    when the step changed its payload or recorded writes, or the lease is a third used up.
+    ``stopping`` (set by the taskmanager) cuts those waits short.
     """
 
     def __init__(self, session_factory: sessionmaker[Session], flows: dict[str, Flow]) -> None:
@@ -308,14 +358,26 @@ class Runner:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def run_until_blocked(self, op_id: str) -> float | None:
-        """Run steps of one claimed operation until it ends or waits; return the wait (seconds)."""
-        current: _Current | None = None
+    def _begin(self, op_id: str) -> _Current | None:
+        """The step a claimed operation is at. Just claimed (its lease mostly left), the
+        operation is only read; otherwise its lease is renewed as it is read."""
+        with self.session_factory() as session:
+            op = session.get(Operation, op_id)
+            if op is None or not self._ours(op):
+                return None
+            lease_left = (op.lease_until - utcnow()).total_seconds() if op.lease_until else 0.0
+            if lease_left > LEASE_SECONDS * 2 / 3:
+                return self._current(session, op)
         with transaction(self.session_factory) as session:
             op = session.get(Operation, op_id)
-            if op is not None and self._ours(op):
-                self._renew(session, op)
-                current = self._current(session, op)
+            if op is None or not self._ours(op):
+                return None
+            self._renew(session, op)
+            return self._current(session, op)
+
+    def run_until_blocked(self, op_id: str) -> float | None:
+        """Run steps of one claimed operation until it ends or waits; return the wait (seconds)."""
+        current = self._begin(op_id)
         if current is None:
             self._timings.pop(op_id, None)
             return None
@@ -335,9 +397,11 @@ class Runner:
                     )
                 result = step(ctx)
             except OperationFailed as failure:
+                ctx.writes.clear()
                 self._finish_failed(op_id, flow, ctx, failure)
                 return None
             except Exception as exc:  # transient: retry with backoff
+                ctx.writes.clear()
                 return self._step_error(op_id, flow, step_name, ctx, exc)
             if (
                 isinstance(result, Wait)
@@ -345,53 +409,92 @@ class Runner:
                 and time.monotonic() + result.seconds <= inline_until
                 and not self.stopping.is_set()
             ):
-                if not self._checkpoint(op_id, ctx, ctx.payload != payload_before):
+                try:
+                    ours = self._checkpoint(op_id, ctx, ctx.payload != payload_before)
+                except OperationFailed as failure:
+                    self._finish_failed(op_id, flow, ctx, failure)
+                    return None
+                if not ours:
                     self._timings.pop(op_id, None)
                     return None
                 if self.stopping.wait(result.seconds):
                     return result.seconds
                 continue
-            with transaction(self.session_factory) as session:
-                op = session.get(Operation, op_id)
-                if op is None or not self._ours(op):
-                    self._timings.pop(op_id, None)
-                    return None
-                op.payload = ctx.payload
-                if isinstance(result, Wait):
-                    return result.seconds
-                idx = names.index(step_name)
-                timings.end(step_name)
-                op.attempts = 0
-                op.error = None
-                if idx + 1 >= len(names):
-                    op.state = DONE
-                    op.step = "done"
-                    op.lease_owner = None
-                    current = None
-                else:
-                    op.step = names[idx + 1]
-                    self._renew(session, op)
-                    current = self._current(session, op)
-                    inline_until = time.monotonic() + INLINE_WAIT_BUDGET
+            writes = ctx.take_writes()
+            following = flow.next_index(names.index(step_name), ctx)
+            last = following >= len(names)
+            values: dict[str, Any] = {}
+            if isinstance(result, Wait):
+                pass
+            elif last:
+                values = {"state": DONE, "step": "done", "lease_owner": None}
+            else:
+                values = {
+                    "step": names[following],
+                    "lease_until": utcnow() + timedelta(seconds=LEASE_SECONDS),
+                }
+            if not isinstance(result, Wait):
+                values.update(attempts=0, error=None)
+            try:
+                ours = self._record(op_id, ctx, writes, values)
+            except OperationFailed as failure:
+                self._finish_failed(op_id, flow, ctx, failure)
+                return None
+            except Exception as exc:
+                if not writes:
+                    raise
+                # The step's writes failed (an address pool used up, say): nothing of the
+                # step was recorded, so it is retried like a step that failed.
+                return self._step_error(op_id, flow, step_name, ctx, exc)
+            if not ours:
+                self._timings.pop(op_id, None)
+                return None
+            if isinstance(result, Wait):
+                return result.seconds
+            timings.end(step_name)
+            if last:
+                current = None
+            else:
+                ctx = Context(op_id, ctx.instance_id, ctx.payload, 0)
+                current = _Current(flow, names[following], ctx, current.deadline)
+                inline_until = time.monotonic() + INLINE_WAIT_BUDGET
         self._log_done(op_id)
         return None
 
     def _checkpoint(self, op_id: str, ctx: Context, payload_changed: bool) -> bool:
         """Between two runs of a polling step in one worker: is the operation still ours?
-        Writes (the payload, a renewed lease) only when there is something to write."""
+        Writes (the payload, a renewed lease, what the step ``record``ed) only when there is
+        something to write."""
         with self.session_factory() as session:
             op = session.get(Operation, op_id)
             if op is None or not self._ours(op):
                 return False
             lease_left = (op.lease_until - utcnow()).total_seconds() if op.lease_until else 0.0
-        if not payload_changed and lease_left > LEASE_SECONDS * 2 / 3:
+        if not payload_changed and not ctx.writes and lease_left > LEASE_SECONDS * 2 / 3:
             return True
-        with transaction(self.session_factory) as session:
-            op = session.get(Operation, op_id)
-            if op is None or not self._ours(op):
-                return False
-            op.payload = ctx.payload
-            self._renew(session, op)
+        lease = utcnow() + timedelta(seconds=LEASE_SECONDS)
+        return self._record(op_id, ctx, ctx.take_writes(), {"lease_until": lease})
+
+    def _record(
+        self, op_id: str, ctx: Context, writes: Sequence[Write], values: dict[str, Any]
+    ) -> bool:
+        """One transaction: the step's ``writes``, then the payload and ``values`` onto the
+        operation, if it is still this runner's (one guarded UPDATE, no read); False, with
+        nothing written, when it is not."""
+        try:
+            with transaction(self.session_factory) as session:
+                for write in writes:
+                    write(session)
+                session.flush()  # the writes' ORM changes, before the operation's row
+                # On the table, not the mapped class: no ORM bulk-update machinery for one row.
+                changed = session.connection().execute(
+                    _RECORD.values(payload=ctx.payload, **values),
+                    {"op_id": op_id, "owner": self.owner},
+                )
+                if changed.rowcount != 1:
+                    raise _NotOurs
+        except _NotOurs:
+            return False
         return True
 
     def _step_error(

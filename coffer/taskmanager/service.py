@@ -8,6 +8,7 @@ they are gone, and servers, directories and addresses that belong to no live ins
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -31,9 +32,34 @@ from coffer.taskmanager.schedules import Scheduler
 LOG = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+#: Seconds after start when the objects made so far (modules, the API's app, caches) are
+#: moved out of the collector's way (``_freeze_heap``).
+FREEZE_AFTER = 2.0
 #: Operations run at once. A create holds its worker while its guest prepares (an RPC call),
 #: so this bounds how many creates make progress together; threads mostly wait on I/O.
 WORKERS = 32
+
+
+def _freeze_heap() -> None:
+    """Collect once, then keep what is left out of later collections (``gc.freeze``).
+
+    A control-plane process holds a few hundred thousand long-lived objects (SQLAlchemy,
+    pydantic, kombu, the API's app); each full collection walked them all, ~0.13 s of CPU
+    that landed in the middle of whatever was running (measured: one in three bursts of ten
+    creates had one). After the freeze a full collection walks only what was made since.
+    Garbage made before the freeze is collected first; objects frozen are freed as usual
+    when their last reference goes, only reference cycles among them are not looked for."""
+    global _frozen
+    with _freeze_lock:
+        if _frozen:  # once per process (a test suite starts many taskmanagers)
+            return
+        _frozen = True
+    gc.collect()
+    gc.freeze()
+
+
+_frozen = False
+_freeze_lock = threading.Lock()
 
 
 class TaskManager:
@@ -85,6 +111,9 @@ class TaskManager:
         self._server.start()
         self._thread = threading.Thread(target=self._loop, name="taskmanager", daemon=True)
         self._thread.start()
+        freeze = threading.Timer(FREEZE_AFTER, _freeze_heap)
+        freeze.daemon = True
+        freeze.start()
         LOG.info("taskmanager started (owner %s)", self.runner.owner)
 
     def stop(self) -> None:
