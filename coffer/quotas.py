@@ -199,9 +199,19 @@ def reserve(
             f"request needs {', '.join(f'{wanted[r]} more {r}' for r in overs)}; free some or "
             "ask an administrator to raise the quota."
         )
+    # The holder's earlier charges in one read, before any change (so no autoflush in between);
+    # the usage updates and new charges then go out in one flush.
+    charges = {
+        charge.resource: charge
+        for charge in session.scalars(
+            select(QuotaCharge).where(
+                QuotaCharge.holder_id == holder_id, QuotaCharge.resource.in_(list(wanted))
+            )
+        )
+    }
     for resource, amount in wanted.items():
         usage[resource].in_use = max(0, usage[resource].in_use + amount)
-        charge = session.get(QuotaCharge, (holder_id, resource))
+        charge = charges.get(resource)
         if charge is None:
             session.add(
                 QuotaCharge(
@@ -248,8 +258,19 @@ def charges_of(session: Session, holder_id: str) -> dict[str, int]:
 
 
 def _lock_usage(session: Session, project_id: str) -> dict[str, QuotaUsage]:
-    """The project's usage rows, created if missing and locked for this transaction."""
-    _insert_missing_usage(session, project_id)
+    """The project's usage rows, created if missing and locked for this transaction.
+
+    Rows are never deleted, so once a project has all of them (every reservation but its first)
+    one locking read is enough; only a project seen for the first time pays for the insert.
+    """
+    rows = _select_usage_for_update(session, project_id)
+    if len(rows) < len(RESOURCES):
+        _insert_missing_usage(session, project_id)
+        rows = _select_usage_for_update(session, project_id)
+    return rows
+
+
+def _select_usage_for_update(session: Session, project_id: str) -> dict[str, QuotaUsage]:
     rows = session.scalars(
         select(QuotaUsage)
         .where(QuotaUsage.project_id == project_id)

@@ -127,9 +127,9 @@ _VERSION = re.compile(r"\bv=(\d+\.\d+\.\d+)")
 def _no_client_setinfo() -> dict[str, Any]:
     """Options that keep redis-py from announcing itself on each new connection (CLIENT
     SETINFO: two more round trips, and a look-up of its own version in the installed
-    packages' metadata). The agent's admin connections are short and many (every status
-    check, every start's readiness poll), so they skip it; the option's name depends on the
-    redis-py version."""
+    packages' metadata). The agent's admin connections are short (each admin call opens one;
+    status checks and readiness polls share a kept one that reconnects after every failure),
+    so they skip it; the option's name depends on the redis-py version."""
     params = inspect.signature(redis.Redis.__init__).parameters
     if "driver_info" in params:
         return {"driver_info": None}
@@ -165,6 +165,30 @@ def _slowlog_word(arg: str) -> str:
 def password_hash(password: str) -> str:
     """The ``#<sha256 hex>`` form Redis stores a password in and accepts in ACL rules."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """redis-py's errors as Coffer's, for the agent's admin commands."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        raise EngineError(
+            "redis-server runs but rejects Coffer's admin password; restart the instance "
+            "so the admin account is written again."
+        ) from None
+    except redis.BusyLoadingError:
+        raise EngineUnavailable(
+            "Redis is still loading its data into memory; try again shortly."
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise EngineUnavailable(
+            f"Redis is not answering on its socket ({type(exc).__name__}); is the instance running?"
+        ) from None
+    except redis.RedisError as exc:
+        # Replies to Coffer's commands never carry a password: passwords go only into
+        # ACL SETUSER, whose errors _set_user replaces.
+        raise EngineError(f"Redis refused the operation: {exc}.") from None
 
 
 class RedisDatastore(Datastore):
@@ -217,6 +241,11 @@ class RedisDatastore(Datastore):
             "redis-server", self.pidfile, str(self.config_file), self._run_as
         )
         self._lock = threading.RLock()
+        #: The kept admin connection for readiness polls and status checks (``_ping``), opened
+        #: with ``_ping_password``; ``_ping_lock`` lets one thread use it at a time.
+        self._ping_conn: redis.UnixDomainSocketConnection | None = None
+        self._ping_password: str | None = None
+        self._ping_lock = threading.Lock()
         #: Configuration group values: CONFIG SET, and etc/overrides.conf included by redis.conf.
         self.overrides = RedisOverrides(
             layout, self._owner, self._process.pid, self._admin, self.render_config
@@ -397,11 +426,10 @@ class RedisDatastore(Datastore):
                     + " | ".join(self._log_tail(6))
                 )
             try:
-                with self._admin(timeout=2) as client:
-                    client.ping()
-                    return
+                self._ping()
+                return
             except EngineUnavailable:
-                pass
+                pass  # the next poll connects afresh
             if time.monotonic() >= deadline:
                 raise EngineUnavailable(
                     "redis-server did not answer in time; it may still be loading its data. "
@@ -410,11 +438,60 @@ class RedisDatastore(Datastore):
             time.sleep(0.01)
 
     def _answers(self) -> bool:
-        try:
-            with self._admin(timeout=2) as client:
-                return bool(client.ping())
-        except CofferError:
-            return False
+        """PING on the kept connection; when that fails (a restart closed it, or the server is
+        gone), once more on a fresh connection before calling the server down."""
+        for _ in range(2):
+            try:
+                return self._ping(check_login=True)
+            except CofferError:
+                continue
+        return False
+
+    def _ping(self, check_login: bool = False) -> bool:
+        """PING as os_admin on one kept connection. Readiness polls come every 10 ms during a
+        start and status checks with every heartbeat; a new client for each cost the agent
+        more CPU than the command. The connection opens on first use and any failure closes
+        it, so the next call connects afresh. Errors are Coffer's, as in ``_admin``.
+
+        Redis keeps a connection logged in when its user's password changes or the user is
+        turned off, so ``check_login`` (status checks) sends AUTH again before the PING, in
+        the same round trip: an admin account that no longer works reads as one, as it did
+        when every check logged in anew."""
+        password = self._admin_password()
+        with self._ping_lock:
+            if self._ping_conn is None or self._ping_password != password:
+                self._close_ping_conn()
+                self._ping_conn = redis.UnixDomainSocketConnection(  # type: ignore[abstract]
+                    path=str(self.socket),
+                    username=ADMIN_USER,
+                    password=password,
+                    decode_responses=True,
+                    socket_timeout=2,
+                    socket_connect_timeout=2,
+                    retry=Retry(NoBackoff(), 0),
+                    **_NO_CLIENT_SETINFO,
+                )
+                self._ping_password = password
+            conn = self._ping_conn
+            try:
+                with _redis_errors():
+                    if check_login:
+                        login = ("AUTH", ADMIN_USER, password)
+                        conn.send_packed_command(conn.pack_commands([login, ("PING",)]))
+                        conn.read_response()
+                    else:
+                        conn.send_command("PING")
+                    return bool(conn.read_response() == "PONG")
+            except BaseException:
+                conn.disconnect()
+                raise
+
+    def _close_ping_conn(self) -> None:
+        """Close the kept connection (the caller holds ``_ping_lock``)."""
+        if self._ping_conn is not None:
+            self._ping_conn.disconnect()
+            self._ping_conn = None
+            self._ping_password = None
 
     def _log_tail(self, lines: int) -> list[str]:
         tail: list[str] = []
@@ -442,6 +519,8 @@ class RedisDatastore(Datastore):
                     f"redis-server did not shut down within {timeout:g} s and was killed; "
                     "up to a second of writes may be lost."
                 )
+            with self._ping_lock:
+                self._close_ping_conn()
             self.socket.unlink(missing_ok=True)
 
     def is_running(self) -> bool:
@@ -520,37 +599,20 @@ class RedisDatastore(Datastore):
         """A client on the unix socket as os_admin; redis-py errors become Coffer errors."""
         client: redis.Redis | None = None
         try:
-            client = redis.Redis(
-                unix_socket_path=str(self.socket),
-                username=ADMIN_USER,
-                password=self._admin_password(),
-                decode_responses=True,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # Retries belong to the caller (start's loop, the agent's next cycle).
-                retry=Retry(NoBackoff(), 0),
-                single_connection_client=True,
-                **_NO_CLIENT_SETINFO,
-            )
-            yield client
-        except redis.AuthenticationError:
-            raise EngineError(
-                "redis-server runs but rejects Coffer's admin password; restart the instance "
-                "so the admin account is written again."
-            ) from None
-        except redis.BusyLoadingError:
-            raise EngineUnavailable(
-                "Redis is still loading its data into memory; try again shortly."
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise EngineUnavailable(
-                f"Redis is not answering on its socket ({type(exc).__name__}); "
-                "is the instance running?"
-            ) from None
-        except redis.RedisError as exc:
-            # Replies to Coffer's commands never carry a password: passwords go only into
-            # ACL SETUSER, whose errors _set_user replaces.
-            raise EngineError(f"Redis refused the operation: {exc}.") from None
+            with _redis_errors():
+                client = redis.Redis(
+                    unix_socket_path=str(self.socket),
+                    username=ADMIN_USER,
+                    password=self._admin_password(),
+                    decode_responses=True,
+                    socket_timeout=timeout,
+                    socket_connect_timeout=timeout,
+                    # Retries belong to the caller (start's loop, the agent's next cycle).
+                    retry=Retry(NoBackoff(), 0),
+                    single_connection_client=True,
+                    **_NO_CLIENT_SETINFO,
+                )
+                yield client
         finally:
             if client is not None:
                 client.close()
