@@ -27,6 +27,7 @@ from coffer.cli.bootstrap import identity_service
 from coffer.config import load_settings
 from coffer.controlplane import ControlPlane
 from coffer.db.models import Base, Instance, InstanceFault, ServiceStatusRow, utcnow
+from coffer.db.models_backups import Backup, BackupState
 from coffer.db.models_day2 import Configuration
 from coffer.db.session import transaction
 from coffer.identity import AuthContext
@@ -417,3 +418,54 @@ def test_loop_reader_sees_new_commits_and_never_shares_its_connection(pair: Pair
         assert reader.run(count) == 2
     finally:
         reader.close()
+
+
+def test_a_short_page_reads_fewer_columns_and_answers_the_same_bytes(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GET /instances`` reads only the columns its short views show (through the driver's
+    cursor for a first page on SQLite); its bytes are those the detail columns render to."""
+    demo = pair.project("demo")
+    ids = pair.add(
+        4,
+        demo,
+        access={"is_public": True, "allowed_cidrs": ["10.0.0.0/8"]},
+        compute_ref={"private": "127.10.0.9", "public": "192.0.2.9"},
+        volume_used_bytes=123456789,
+        volume_total_bytes=987654321,
+    )
+    with transaction(pair.cp.session_factory) as session:
+        session.add(
+            Backup(
+                tenant_id=demo,
+                name="running",
+                instance_id=ids[0],
+                datastore_version_id=pair.version_id,
+                state=BackupState.BUILDING,
+                storage_driver="local",
+                storage_key="k",
+            )
+        )
+        status = session.get(ServiceStatusRow, ids[1])
+        assert status is not None
+        status.updated_at = utcnow() - timedelta(days=1)  # a guest gone quiet
+        status = session.get(ServiceStatusRow, ids[2])
+        session.delete(status)  # no status reported yet
+    base = f"/v1.0/{demo}"
+    with pair.cp.engine.connect() as conn:
+        rows = instance_support.page_values(conn, demo, 10, detail=False)
+    assert [type(row) for row in rows] == [instance_support._ShortValues] * 4
+    paths = [
+        ("demo", f"{base}/instances"),
+        ("demo", f"{base}/instances?limit=2"),
+        ("demo", f"{base}/instances?limit=2&marker={ids[1]}"),
+        ("admin", f"{base}/instances"),
+    ]
+    pair.hot_app.state.coffer_rendered_views = False
+    short = [pair.both(user, path).content for user, path in paths]
+    assert b'"status":"BACKUP"' in short[0]
+    # The same pages, read with every column of the detail view.
+    monkeypatch.setitem(instance_support._PAGES, False, instance_support._PAGES[True])
+    monkeypatch.setattr(instance_support, "_SHORT_SHAPE", instance_support._DETAIL_SHAPE)
+    monkeypatch.setattr(instance_support, "_short_page_reader", lambda _db: None)
+    assert [pair.both(user, path).content for user, path in paths] == short

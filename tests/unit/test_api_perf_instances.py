@@ -75,6 +75,9 @@ class World:
         return ids
 
 
+_COUNTED = {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"}
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     settings = load_settings(
@@ -99,10 +102,17 @@ def world(tmp_path: Path) -> Iterator[World]:
         )
         assert resp.status_code == 201, resp.text
         statements: list[str] = []
+
+        def trace(statement: str) -> None:
+            # Every statement SQLite runs, those sent through the driver's own cursor included;
+            # not the BEGIN and ROLLBACK around reads.
+            if statement.lstrip().split(None, 1)[0].upper() in _COUNTED:
+                statements.append(statement)
+
         event.listen(
-            cp.engine,
-            "before_cursor_execute",
-            lambda _conn, _cursor, statement, *_rest: statements.append(statement),
+            cp.engine.pool,
+            "checkout",
+            lambda dbapi_conn, *_rest: dbapi_conn.set_trace_callback(trace),
         )
         yield World(
             cp,

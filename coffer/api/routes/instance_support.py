@@ -207,6 +207,40 @@ _VIEW_COLUMNS = (
 )
 if tuple(c.name for c in _VIEW_COLUMNS.selected_columns) != _ViewValues._fields:
     raise RuntimeError("_ViewValues must name the columns of _VIEW_COLUMNS, in their order")
+
+
+class _ShortValues(NamedTuple):
+    """The columns of ``_SHORT_COLUMNS``: what a list's short view (Trove's ``InstanceView``)
+    reads, a subset of ``_ViewValues`` (no sizes used, times but the status report's, version
+    number, configuration group or ``deleted``). Fewer columns and one join less make a short
+    page cheaper to read and its rows cheaper to compare (``RenderedViews``)."""
+
+    id: str
+    tenant_id: str
+    name: str
+    flavor_id: str
+    volume_size: int
+    task: Task
+    server_status: ServerStatus
+    access: dict[str, Any]
+    region_id: str
+    compute_ref: dict[str, Any]
+    service_status: ServiceStatus | None
+    service_updated: datetime
+    version_name: str
+    datastore_name: str
+    backup_running: bool
+
+
+_SHORT_COLUMNS = (
+    select(*(c for c in _VIEW_COLUMNS.selected_columns if c.name in _ShortValues._fields))
+    .select_from(Instance)
+    .join(DatastoreVersion, DatastoreVersion.id == Instance.datastore_version_id)
+    .join(Datastore, Datastore.id == DatastoreVersion.datastore_id)
+    .outerjoin(ServiceStatusRow, ServiceStatusRow.instance_id == Instance.id)
+)
+if tuple(c.name for c in _SHORT_COLUMNS.selected_columns) != _ShortValues._fields:
+    raise RuntimeError("_ShortValues must name the columns of _SHORT_COLUMNS, in their order")
 _LATEST_FAULTS = (
     select(
         InstanceFault.instance_id,
@@ -222,17 +256,25 @@ _VIEW_ROWS = _VIEW_COLUMNS.where(Instance.id.in_(bindparam("ids", expanding=True
 # A page of a project's instances, newest first, keyed on (created, id). ix_instances_page
 # (tenant_id, deleted, created, id) serves the filter and the order, so a page costs O(the
 # page), not O(the project's instances); the joins and the backup check run for its rows only.
-_PAGE = (
-    _VIEW_COLUMNS.where(Instance.tenant_id == bindparam("tenant"), Instance.deleted.is_(False))
-    .order_by(Instance.created.desc(), Instance.id.desc())
-    .limit(bindparam("limit"))
+_AFTER_MARKER = or_(
+    Instance.created < bindparam("created"),
+    and_(Instance.created == bindparam("created"), Instance.id < bindparam("after")),
 )
-_PAGE_AFTER = _PAGE.where(
-    or_(
-        Instance.created < bindparam("created"),
-        and_(Instance.created == bindparam("created"), Instance.id < bindparam("after")),
+
+
+def _page_of(columns: Any) -> Any:
+    return (
+        columns.where(Instance.tenant_id == bindparam("tenant"), Instance.deleted.is_(False))
+        .order_by(Instance.created.desc(), Instance.id.desc())
+        .limit(bindparam("limit"))
     )
-)
+
+
+#: ``(first page, page after a marker)`` of the detail view's and of the short view's columns.
+_PAGES = {
+    True: (_page_of(_VIEW_COLUMNS), _page_of(_VIEW_COLUMNS).where(_AFTER_MARKER)),
+    False: (_page_of(_SHORT_COLUMNS), _page_of(_SHORT_COLUMNS).where(_AFTER_MARKER)),
+}
 _MARKER = select(Instance.tenant_id, Instance.deleted, Instance.created, Instance.id).where(
     Instance.id == bindparam("id")
 )
@@ -240,18 +282,41 @@ _MARKER = select(Instance.tenant_id, Instance.deleted, Instance.created, Instanc
 Reader = Session | Connection
 
 
-_FIELD = {name: index for index, name in enumerate(_ViewValues._fields)}
-_JSON_FIELDS = tuple(_FIELD[name] for name in ("access", "compute_ref"))
-_TIME_FIELDS = tuple(_FIELD[name] for name in ("created", "updated", "service_updated"))
-_ENUM_FIELDS = tuple(
-    (_FIELD[name], {member.value: member for member in kind})
-    for name, kind in (
-        ("task", Task),
-        ("server_status", ServerStatus),
-        ("service_status", ServiceStatus),
-    )
-)
-_BOOL_FIELDS = tuple(_FIELD[name] for name in ("deleted", "backup_running"))
+class _Shape:
+    """How the rows of one of the view queries become ``ViewRow``s: which of their columns are
+    JSON, times, enums and booleans (read as the driver returns them, see ``_raw``)."""
+
+    def __init__(self, kind: type[_ViewValues] | type[_ShortValues]) -> None:
+        self.make: Any = kind._make
+        names = kind._fields
+        index = {name: at for at, name in enumerate(names)}
+
+        def present(*wanted: str) -> tuple[int, ...]:
+            return tuple(index[name] for name in wanted if name in index)
+
+        self.json = present("access", "compute_ref")
+        self.times = present("created", "updated", "service_updated")
+        self.enums = tuple(
+            (index[name], {member.value: member for member in members})
+            for name, members in (
+                ("task", Task),
+                ("server_status", ServerStatus),
+                ("service_status", ServiceStatus),
+            )
+        )
+        self.bools = present("deleted", "backup_running")
+        self.detail = "configuration_ref" in index
+        #: Where ``RenderedViews.key`` finds the task and the status report's time.
+        self.task = index["task"]
+        self.service_updated = index["service_updated"]
+
+
+_DETAIL_SHAPE = _Shape(_ViewValues)
+_SHORT_SHAPE = _Shape(_ShortValues)
+
+
+def _shape(detail: bool) -> _Shape:
+    return _DETAIL_SHAPE if detail else _SHORT_SHAPE
 
 
 def _time(value: Any) -> datetime | None:
@@ -267,31 +332,33 @@ def _versions(version: str, number: str, datastore: str) -> tuple[_Version, _Dat
     return _Version(version, number), _Datastore(datastore)
 
 
-def _view_row(row: Any) -> ViewRow:
+def _view_row(row: Any, shape: _Shape = _DETAIL_SHAPE) -> ViewRow:
+    """The ``ViewRow`` of a row of ``_VIEW_COLUMNS`` or, with ``_SHORT_SHAPE``, of
+    ``_SHORT_COLUMNS`` (whose ``ViewRow`` serves a short view only: it has no version number
+    and no configuration group, and its ``inst`` lacks the columns only detail views show)."""
     fields = list(row)
-    for index in _JSON_FIELDS:
+    for index in shape.json:
         fields[index] = _json_value(fields[index])
-    for index in _TIME_FIELDS:
+    for index in shape.times:
         fields[index] = _time(fields[index])
-    for index, members in _ENUM_FIELDS:
+    for index, members in shape.enums:
         if fields[index] is not None:
             fields[index] = members[fields[index]]
-    for index in _BOOL_FIELDS:
+    for index in shape.bools:
         fields[index] = bool(fields[index])
-    values = _ViewValues._make(fields)
+    values = shape.make(fields)
     status = (
         _Status(values.service_status, values.service_updated)
         if values.service_status is not None
         else None
     )
-    configuration = (
-        _Named(values.configuration_ref, values.configuration_name)
-        if values.configuration_ref is not None
-        else None
-    )
-    version, datastore = _versions(
-        values.version_name, values.version_number, values.datastore_name
-    )
+    configuration = None
+    number = ""
+    if shape.detail:
+        number = values.version_number
+        if values.configuration_ref is not None:
+            configuration = _Named(values.configuration_ref, values.configuration_name)
+    version, datastore = _versions(values.version_name, number, values.datastore_name)
     return ViewRow(
         values,
         status,
@@ -315,17 +382,80 @@ def view_rows(db: Reader, ids: Sequence[str]) -> list[ViewRow]:
     return [found[i] for i in ids if i in found]
 
 
-def page_values(db: Reader, project_id: str, limit: int, marker: str | None = None) -> list[Any]:
+class _SQLiteShortPage:
+    """The first page of a short list (``_PAGES[False][0]``) read from a SQLite control DB
+    through the driver's own cursor: the statement compiled once, its constant values (the
+    running backup states) bound once, and the rows made ``_ShortValues`` (the same values a
+    SQLAlchemy ``Row`` holds). SQLAlchemy's per-execution work (execution context, result
+    set-up, its transaction's ``BEGIN``) cost about as much as SQLite's own reading of the
+    page. Run outside a transaction (the driver in autocommit, see ``coffer.db.session``), the
+    one statement reads a consistent and current snapshot, as it does inside one."""
+
+    def __init__(self, dialect: Any) -> None:
+        compiled = _PAGES[False][0].compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.names = tuple(compiled.positiontup or ())
+        self.fixed: dict[str, Any] = {}
+        for name in self.names:
+            bind = compiled.binds[name]
+            process = bind.type.bind_processor(dialect)
+            if name in ("tenant", "limit"):
+                if process is not None:  # a value the driver must not be given as it is
+                    raise TypeError(f"{name} needs its bind processor")
+                continue
+            value = bind.effective_value
+            self.fixed[name] = process(value) if process is not None else value
+
+    def read(self, db: Connection, project_id: str, limit: int) -> list[Any]:
+        given = {**self.fixed, "tenant": project_id, "limit": limit}
+        cursor = db.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            found = cursor.execute(self.sql, [given[name] for name in self.names]).fetchall()
+        finally:
+            cursor.close()
+        make = _ShortValues._make
+        return [make(values) for values in found]
+
+
+_sqlite_short_page: _SQLiteShortPage | None = None
+
+
+def _short_page_reader(db: Reader) -> _SQLiteShortPage | None:
+    """The driver-level reader of a first short page, for a plain connection to a SQLite
+    control DB that is not inside a transaction; None otherwise."""
+    global _sqlite_short_page
+    if (
+        not isinstance(db, Connection)
+        or db.dialect.name != "sqlite"
+        or db.dialect.paramstyle != "qmark"
+        or db.in_transaction()
+    ):
+        return None
+    if _sqlite_short_page is None:
+        _sqlite_short_page = _SQLiteShortPage(db.dialect)
+    return _sqlite_short_page
+
+
+def page_values(
+    db: Reader, project_id: str, limit: int, marker: str | None = None, detail: bool = True
+) -> list[Any]:
     """Up to ``limit`` of the project's instances (not deleted), newest first, after the one
-    ``marker`` names, as rows of ``_VIEW_COLUMNS`` (see ``render_values``); ``BadRequest`` when
-    ``marker`` is not one of them. One query (two with a marker)."""
+    ``marker`` names, as rows of ``_VIEW_COLUMNS``, or with ``detail`` False of the fewer
+    ``_SHORT_COLUMNS`` a short view needs (see ``render_values``, which must be given the same
+    ``detail``); ``BadRequest`` when ``marker`` is not one of them. One query (two with a
+    marker)."""
     params: dict[str, Any] = {"tenant": project_id, "limit": limit}
-    statement = _PAGE
+    if not marker and not detail:
+        reader = _short_page_reader(db)
+        if reader is not None:
+            return reader.read(db, project_id, limit)  # type: ignore[arg-type]
+    first, following = _PAGES[detail]
+    statement = first
     if marker:
         after = db.execute(_MARKER, {"id": marker}).first()
         if after is None or after.deleted or after.tenant_id != project_id:
             raise BadRequest(f"Marker {marker} does not name an instance in this list.")
-        statement = _PAGE_AFTER
+        statement = following
         params.update(created=after.created, after=after.id)
     return list(db.execute(statement, params).all())
 
@@ -346,8 +476,10 @@ def shown_values(db: Reader, ctx: RequestContext, instance_id: str) -> Any:
 def render_values(
     request: Request, ctx: RequestContext, db: Reader, rows: Sequence[Any], detail: bool
 ) -> list[dict[str, Any]]:
-    """``render_view_rows`` for rows of ``_VIEW_COLUMNS`` (``page_values``, ``shown_values``)."""
-    return render_view_rows(request, ctx, db, [_view_row(values) for values in rows], detail)
+    """``render_view_rows`` for rows of ``_VIEW_COLUMNS`` (``page_values``, ``shown_values``);
+    with ``detail`` False, for rows of ``_SHORT_COLUMNS`` (``page_values`` of a short list)."""
+    shape = _shape(detail)
+    return render_view_rows(request, ctx, db, [_view_row(values, shape) for values in rows], detail)
 
 
 _NO_TASK = Task.NONE.value
@@ -384,7 +516,9 @@ class RenderedViews:
                 return None
             updated = _time(values.service_updated)
             stale.append(updated is not None and updated < stale_before)
-        key = (tuple(tuple(values) for values in rows), tuple(stale), caller)
+        # Rows read through the driver (``_SQLiteShortPage``) are tuples already.
+        kept = tuple(values if isinstance(values, tuple) else tuple(values) for values in rows)
+        key = (kept, tuple(stale), caller)
         try:
             hash(key)
         except TypeError:  # a driver that decodes JSON columns itself: dicts do not hash

@@ -98,7 +98,7 @@ def list_page(
     earlier request rendered are taken from ``RenderedViews``)."""
     cp = control_plane(request)
     page = page_size(request, limit, cp.settings.default.instances_page_size)
-    rows = page_values(conn, ctx.project_id, page + 1, marker)
+    rows = page_values(conn, ctx.project_id, page + 1, marker, detail)
     more = len(rows) > page
     rows = rows[:page]
     items = render_json(request, ctx, conn, rows, detail)
