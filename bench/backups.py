@@ -93,9 +93,12 @@ def fill(engine: str, address: str, creds: Credentials | None, size_mb: int) -> 
             autocommit=True,
             sslmode="disable",
         ) as conn:
+            # 512 random bytes (eight SHA-512 digests of fresh random numbers) and 512 bytes of
+            # text per row, like the MariaDB rows: a repeated digest would compress to nothing.
+            random_half = " || ".join(["sha512(float8send(random()))"] * 8)
             conn.execute(
-                "CREATE TABLE big AS SELECT g AS id, "
-                "decode(repeat(md5(random()::text), 16), 'hex') || repeat(md5(g::text), 16) AS b "
+                f"CREATE TABLE big AS SELECT g AS id, {random_half} "
+                "|| convert_to(repeat(md5(g::text), 16), 'UTF8') AS b "
                 "FROM generate_series(1, %s) AS g",
                 (rows,),
             )

@@ -8,6 +8,7 @@ from coffer.backup.errors import BackupIntegrityError
 from coffer.backup.progress import ProgressMeter, ProgressSnapshot
 from coffer.backup.stream import (
     SealedStreamInfo,
+    authenticate_stream,
     open_stream,
     seal_stream,
     verify_stream,
@@ -18,6 +19,7 @@ __all__ = [
     "ProgressMeter",
     "ProgressSnapshot",
     "SealedStreamInfo",
+    "authenticate_stream",
     "open_stream",
     "seal_stream",
     "verify_stream",

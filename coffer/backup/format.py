@@ -141,7 +141,7 @@ class _ChunkCipher:
         nonce, aad = self._nonce_and_aad(index, final)
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, index: int, sealed: bytes, final: bool) -> bytes | None:
+    def open(self, index: int, sealed: bytes | memoryview, final: bool) -> bytes | None:
         """The plaintext, or None when the tag does not match."""
         if index >= MAX_CHUNKS:
             return None  # the writer never gets this far, so such a chunk cannot be authentic
@@ -217,19 +217,21 @@ def open_chunks(
     frame = header.chunk_size + TAG_SIZE
     index = 0
     while True:
-        # A frame is known not to be the last only once more bytes follow it.
+        # A frame is known not to be the last only once more bytes follow it. Frames are
+        # opened where they lie in the buffer (no copy); it is only resized between frames.
         start = 0
-        while len(buffer) - start > frame:
-            plaintext = cipher.open(index, bytes(buffer[start : start + frame]), final=False)
-            if plaintext is None:
-                raise BackupIntegrityError(
-                    backup_id,
-                    f"chunk {index} failed authentication (altered, reordered, or from another "
-                    "backup)",
-                )
-            start += frame
-            index += 1
-            yield plaintext
+        with memoryview(buffer) as view:
+            while len(view) - start > frame:
+                plaintext = cipher.open(index, view[start : start + frame], final=False)
+                if plaintext is None:
+                    raise BackupIntegrityError(
+                        backup_id,
+                        f"chunk {index} failed authentication (altered, reordered, or from "
+                        "another backup)",
+                    )
+                start += frame
+                index += 1
+                yield plaintext
         del buffer[:start]
         more = next(pieces, None)
         if more is None:

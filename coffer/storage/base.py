@@ -284,7 +284,11 @@ class ChunkSource:
     def __iter__(self) -> Iterator[bytes]:
         while self._pull():
             piece, self._pending = self._pending, memoryview(b"")
-            yield bytes(piece)
+            whole = piece.obj
+            if isinstance(whole, bytes) and len(whole) == piece.nbytes:
+                yield whole  # a caller's bytes chunk, untouched: no copy
+            else:
+                yield bytes(piece)
 
     @property
     def exhausted(self) -> bool:

@@ -648,6 +648,10 @@ class RestoreStep:
                     "archive": archive_request(self.cp, archive),
                     "restore_time": spec["restore_time"],
                 }
+                if archive.newest_segment and archive.newest_time:
+                    # The window's end as recorded now (never before what the API checked).
+                    end = archive.newest_time.replace(tzinfo=UTC).isoformat()
+                    pitr["extent"] = {"segment": archive.newest_segment, "time": end}
         guest = self.cp.guest(ctx.instance_id)
         try:
             if not spec.get("started"):
@@ -685,4 +689,5 @@ class RestoreStep:
             "backup_key": base64.b64encode(backup_key(self.cp, row.id)).decode(),
             "wrapped_key": row.wrapped_key,
             "checksum": row.checksum,
+            "raw_size": row.raw_size,
         }

@@ -14,6 +14,7 @@ which only the last lines (with the admin password masked) ever reach an error m
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 #: Bytes read from a tool's stdout at a time.
 READ_SIZE = 1 << 20
+#: What a tool's stdin or stdout pipe holds (Linux's ``fs.pipe-max-size`` by default; a host
+#: that allows less keeps its default).
+PIPE_SIZE = 1 << 20
 #: A restore opens each backup of its chain with one of these: the verified original bytes.
 Payload = Callable[[], Iterator[bytes]]
 _PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -256,6 +260,7 @@ class EngineBackup(ABC):
         proc = self._popen(argv, log, stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
+        _widen_pipe(fd)
         try:
             while True:
                 piece = os.read(fd, READ_SIZE)
@@ -282,6 +287,7 @@ class EngineBackup(ABC):
         """
         proc = self._popen(argv, log, stdin=subprocess.PIPE, env=env)
         assert proc.stdin is not None
+        _widen_pipe(proc.stdin.fileno())
         try:
             try:
                 for chunk in chunks:
@@ -319,6 +325,13 @@ def _log_file(path: Path, owner: str | None) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let a tool's pipe hold ``PIPE_SIZE`` bytes (Linux's default is 64 KiB), so the tool and
+    the agent each work on their own piece instead of taking turns at every 64 KiB."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -2,15 +2,22 @@
 
 A backup: the engine's stream (``datastore.backups``) → ``seal_stream`` (zstd, AES-256-GCM
 chunks, SHA-256) → ``storage.put_stream`` under the key the taskmanager chose. Nothing is staged:
-the store receives the bytes as the engine tool writes them. Progress (raw and stored bytes) and
+the store receives the bytes as the engine tool writes them. The store writes in a thread of its
+own (``write_behind``), so reading the tool, compressing, encrypting and hashing go on while it
+writes. Progress (raw and stored bytes) and
 the result go to the conductor through ``report``; the result (or "the agent stopped") is also
 kept in ``state/backups/<id>.json``, so a restarted agent answers ``backup_status`` truthfully and
 the taskmanager can tell a backup that died with its agent from one still running.
 
-A restore: every backup of the chain is verified completely first (what ``verify_stream``
-checks: each chunk's tag, the payload's zstd frame, the checksum of the whole stored object), and
-only then streamed again through ``open_stream`` into the engine's handler, which fills the empty
-data directory. A tampered or corrupted backup is refused before a single byte is written. Its
+A restore: every backup of the chain is verified completely first (each chunk's tag and the
+checksum of the whole stored object, ``authenticate_stream``; a backup whose engine bytes the
+request does not give is also decompressed, ``verify_stream``, to count them), and only then
+streamed again through ``open_stream`` into the engine's handler, which fills a staging directory
+and moves it into the empty data directory last. A tampered or corrupted backup is refused
+before a single byte is written. The second pass checks again as it goes (tags, the zstd
+frame, and, for handlers that read each backup to its end, the checksum and the recorded number
+of engine bytes); if that fails the handler removes its staging directory, so nothing reaches
+the data directory. Its
 progress (engine bytes verified, then restored, and the rate; ``RestoreMeter``) goes to the
 conductor through ``restore_report`` at each phase's start, twice a second while bytes pass,
 and once the data is in place.
@@ -36,7 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coffer.backup import open_stream, seal_stream
+from coffer.backup import BackupIntegrityError, authenticate_stream, open_stream, seal_stream
+from coffer.backup.overlap import write_behind
 from coffer.backup.progress import RestoreMeter
 from coffer.errors import (
     CofferError,
@@ -119,6 +127,8 @@ class ChainLink:
     key: bytes
     wrapped_key: str
     checksum: str
+    #: Its engine bytes as recorded when it was taken (None: not sent, by an older taskmanager).
+    raw_size: int | None = None
 
     def __repr__(self) -> str:
         return f"ChainLink(backup_id={self.backup_id!r})"
@@ -288,7 +298,13 @@ class BackupWorker:
         sealed, info_of = seal_stream(meter.raw(source), request.key, request.backup_id)
         storage = open_storage(request.storage)
         try:
-            stored = storage.put_stream(request.storage_key, meter.stored(sealed), request.metadata)
+            # The store writes (and hashes) in a thread of its own while this one reads the
+            # engine tool, compresses, encrypts and hashes: neither waits for the other.
+            stored = write_behind(
+                lambda items: storage.put_stream(request.storage_key, items, request.metadata),
+                meter.stored(sealed),
+                name=f"store-{request.backup_id}",
+            )
             info = info_of()
             if stored.size != info.size or (stored.sha256 and stored.sha256 != info.checksum):
                 storage.delete(request.storage_key)
@@ -379,6 +395,7 @@ class BackupWorker:
                     decode_key(item.get("backup_key")),
                     str(item.get("wrapped_key")),
                     str(item.get("checksum")),
+                    _raw_size(item.get("raw_size")),
                 )
             )
         point = _point_in_time(pitr)
@@ -420,7 +437,7 @@ class BackupWorker:
         self,
         chain: list[ChainLink],
         storage_spec: dict[str, Any],
-        point: tuple[ArchiveTarget, datetime] | None = None,
+        point: PointSpec | None = None,
     ) -> None:
         try:
             self._restore(chain, storage_spec, point)
@@ -437,7 +454,7 @@ class BackupWorker:
         self,
         chain: list[ChainLink],
         storage_spec: dict[str, Any],
-        point: tuple[ArchiveTarget, datetime] | None = None,
+        point: PointSpec | None = None,
     ) -> None:
         handler = backups_of(self.datastore)
         storage = open_storage(storage_spec)
@@ -447,24 +464,28 @@ class BackupWorker:
         def opened(link: ChainLink) -> Iterator[bytes]:
             # The engine bytes of one backup, checked chunk by chunk and against the stored
             # object's checksum at its end (the checksum is always given here).
-            return meter.wrap(
-                open_stream(
-                    storage.get_stream(link.storage_key),
-                    link.key,
-                    link.backup_id,
-                    link.wrapped_key,
-                    link.checksum,
-                ),
-                part=link.backup_id,
+            pieces = open_stream(
+                storage.get_stream(link.storage_key),
+                link.key,
+                link.backup_id,
+                link.wrapped_key,
+                link.checksum,
             )
+            if link.raw_size is not None:
+                pieces = _exact_length(pieces, link.raw_size, link.backup_id)
+            return meter.wrap(pieces, part=link.backup_id)
 
         try:
             started = time.monotonic()
             meter.begin("verifying")
             for link in chain:
                 before = meter.verified_bytes
-                for _piece in opened(link):
-                    pass
+                if link.raw_size is None:
+                    # Its engine bytes are not known: decompress it too, to count them.
+                    for _piece in opened(link):
+                        pass
+                else:
+                    _authenticate(storage, link, meter)
                 LOG.info(
                     "backup %s verified (%d bytes of engine data)",
                     link.backup_id,
@@ -479,7 +500,7 @@ class BackupWorker:
 
             pitr = None
             if point is not None and archive_storage is not None:
-                pitr = PointInTime(ArchiveReader(archive_storage, point[0]), point[1])
+                pitr = PointInTime(ArchiveReader(archive_storage, point[0]), *point[1:])
             meter.begin("restoring")
             handler.restore([payload(link) for link in chain], pitr=pitr)
             meter.finish()
@@ -521,20 +542,101 @@ class BackupWorker:
         tmp.replace(self.restore_file)
 
 
-def _point_in_time(pitr: object) -> tuple[ArchiveTarget, datetime] | None:
-    """The archive and the (UTC) time of a restore request's ``pitr``; ValidationError."""
+#: A restore request's ``pitr``: the archive, the time, and the extent's newest file and time.
+PointSpec = tuple[ArchiveTarget, datetime, str | None, datetime | None]
+
+
+def _raw_size(value: object) -> int | None:
+    """A chain link's recorded engine bytes: a non-negative integer, or absent."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValidationError("The raw size of a backup to restore must be a whole number.")
+    return value
+
+
+def _authenticate(storage: BackupStorage, link: ChainLink, meter: RestoreMeter) -> None:
+    """The verifying pass over one backup whose engine bytes are known: every chunk's tag and
+    the stored object's checksum (``authenticate_stream``), without decompressing it; the
+    progress counts its engine bytes in proportion to the stored bytes read."""
+    assert link.raw_size is not None
+    raw_size = link.raw_size
+    found = storage.stat(link.storage_key)
+    stored_size = found.size if found is not None else 0
+    counted = 0
+    read = 0
+
+    def counting(pieces: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal counted, read
+        try:
+            for piece in pieces:
+                read += len(piece)
+                reached = min(raw_size, raw_size * read // stored_size) if stored_size else 0
+                if reached > counted:
+                    meter.add(reached - counted)
+                    counted = reached
+                yield piece
+        finally:
+            close = getattr(pieces, "close", None)
+            if callable(close):
+                close()
+
+    authenticate_stream(
+        counting(storage.get_stream(link.storage_key)),
+        link.key,
+        link.backup_id,
+        link.wrapped_key,
+        link.checksum,
+    )
+    if counted < raw_size:
+        meter.add(raw_size - counted)
+
+
+def _exact_length(pieces: Iterator[bytes], size: int, backup_id: str) -> Iterator[bytes]:
+    """Pass a backup's engine bytes on, refusing more or fewer than were recorded for it."""
+    passed = 0
+    try:
+        for piece in pieces:
+            passed += len(piece)
+            if passed > size:
+                break
+            yield piece
+    finally:
+        close = getattr(pieces, "close", None)
+        if callable(close):
+            close()
+    if passed != size:
+        raise BackupIntegrityError(
+            backup_id,
+            f"it holds {'more' if passed > size else 'fewer'} engine bytes than the {size} "
+            "recorded when it was taken",
+        )
+
+
+def _point_in_time(pitr: object) -> PointSpec | None:
+    """The archive, the (UTC) time of a restore request's ``pitr``, and the archive's extent
+    the control plane checked it against (``extent``: newest file and time, if sent);
+    ValidationError."""
     if pitr is None:
         return None
     if not isinstance(pitr, dict):
         raise ValidationError("pitr must be an object with archive and restore_time.")
     target = ArchiveTarget.from_request(pitr.get("archive"))
+    when = _utc_time(pitr.get("restore_time"), "restore_time")
+    extent = pitr.get("extent")
+    if not isinstance(extent, dict):
+        return target, when, None, None
+    return target, when, str(extent.get("segment")), _utc_time(extent.get("time"), "extent")
+
+
+def _utc_time(value: object, what: str) -> datetime:
     try:
-        when = datetime.fromisoformat(str(pitr.get("restore_time")))
+        when = datetime.fromisoformat(str(value))
     except ValueError:
-        raise ValidationError("restore_time is not an ISO 8601 time.") from None
+        raise ValidationError(f"{what} is not an ISO 8601 time.") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return target, when.astimezone(UTC)
+    return when.astimezone(UTC)
 
 
 class _Meter:
