@@ -4,7 +4,9 @@ and the guests' archive reports only ever move the archive's extent forward."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import struct
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -14,6 +16,16 @@ from coffer.db.models import Instance, Operation
 from coffer.db.models_archive import InstanceArchive
 from coffer.db.models_backups import Backup, BackupState
 from coffer.db.session import transaction
+from coffer.guest.backup.archive import (
+    EXTENT_MARGIN,
+    SEGMENT_SIZE,
+    Archiver,
+    LogSource,
+    PointInTime,
+    WalPosition,
+    nothing_unarchived,
+)
+from coffer.guest.layout import InstanceLayout
 from coffer.storage.file import FileStorage
 from coffer.taskmanager.backups import apply_archive_report, archive_prefix, prune_archive
 
@@ -154,3 +166,179 @@ def test_pruning_keeps_the_log_the_oldest_full_backup_needs(world: World) -> Non
     assert left() == []
     with world.cp.session_factory() as session:
         assert session.get(InstanceArchive, instance_id) is None
+
+
+# --- an idle PostgreSQL server: is anything past the newest archived WAL file? ------------------
+
+NEWEST = "000000010000000000000006"
+NEXT_START = 7 * SEGMENT_SIZE  # where the segment after NEWEST starts: 0/7000000
+
+
+def _page(timeline: int = 1, address: int = NEXT_START, info: int = 0x0006) -> bytes:
+    """A segment's first page header (magic, info, timeline, address, remainder, system id,
+    segment size, block size), 40 bytes."""
+    return struct.pack("<HHIQI4xQII", 0xD110, info, timeline, address, 0, 7, SEGMENT_SIZE, 8192)
+
+
+def _record(prev: int, rmgr: int = 8, info: int = 0x10, xid: int = 0, body: int = 26) -> bytes:
+    """One WAL record (header and ``body`` bytes), padded to 8 bytes; a standby snapshot by
+    default (resource manager 8, RUNNING_XACTS), as the background writer logs on an idle server."""
+    data = struct.pack("<IIQBB2xI", 24 + body, xid, prev, info, rmgr, 0) + b"\x01" * body
+    return data + b"\0" * (-len(data) % 8)
+
+
+def _head(*records: bytes, page: bytes | None = None) -> bytes:
+    return (page if page is not None else _page()) + b"".join(records)
+
+
+def _decide(head: bytes, timeline: int = 1, written: int | None = None) -> bool:
+    insert = NEXT_START + len(head)
+    at = WalPosition(timeline, insert, insert if written is None else written)
+    asked: list[tuple[str, int]] = []
+
+    def read(name: str, length: int) -> bytes:
+        asked.append((name, length))
+        return head[:length]
+
+    decided = nothing_unarchived(NEWEST, at, read)
+    assert all(name == "000000010000000000000007" for name, _ in asked)
+    return decided
+
+
+def test_a_wal_switch_leaves_nothing_unarchived() -> None:
+    # After pg_switch_wal() the insert position is just past the next segment's page header.
+    assert _decide(_page())
+    assert nothing_unarchived(NEWEST, WalPosition(1, NEXT_START, NEXT_START), lambda n, k: b"")
+
+
+def test_standby_snapshots_alone_are_nothing_unarchived() -> None:
+    first = _record(prev=NEXT_START - 0x28)
+    second = _record(prev=NEXT_START + 40, body=40)  # linked to the first
+    assert _decide(_head(first))
+    assert _decide(_head(first, second))
+
+
+def test_any_other_record_is_unarchived_work() -> None:
+    snapshot = _record(prev=NEXT_START - 0x28)
+    commit = _record(prev=NEXT_START + 40, rmgr=1, info=0x00, xid=736, body=10)  # Transaction
+    heap_insert = _record(prev=NEXT_START - 0x28, rmgr=10, info=0x00, xid=737)
+    checkpoint = _record(prev=NEXT_START - 0x28, rmgr=0, info=0x10, body=88)  # XLOG
+    assert not _decide(_head(snapshot, commit))
+    assert not _decide(_head(heap_insert))
+    assert not _decide(_head(checkpoint))
+    # A snapshot record carrying a transaction id is not one the background writer logs.
+    assert not _decide(_head(_record(prev=NEXT_START - 0x28, xid=5)))
+
+
+def test_what_cannot_be_read_for_sure_is_unarchived_work() -> None:
+    snapshot = _record(prev=NEXT_START - 0x28)
+    # Not yet written out: the bytes on disk may not be the records.
+    assert not _decide(_head(snapshot), written=NEXT_START + 40)
+    # Past the first page: not read.
+    many = [snapshot] + [_record(prev=NEXT_START + 40 + 56 * i) for i in range(150)]
+    assert not _decide(_head(*many))
+    # A recycled file (another page address), a record continued from the previous segment, a
+    # broken chain of records, a truncated record.
+    assert not _decide(_head(snapshot, page=_page(address=NEXT_START - SEGMENT_SIZE)))
+    assert not _decide(_head(snapshot, page=_page(info=0x0007)))
+    assert not _decide(_head(snapshot, _record(prev=NEXT_START + 8)))
+    assert not _decide(_head(snapshot)[:-8])
+
+
+def test_another_timeline_or_segment_is_unarchived_work() -> None:
+    # A server on timeline 2 (promoted after a restore) against an archive of timeline 1.
+    assert not _decide(_page(timeline=2), timeline=2)
+    # Inserting in a later segment, or behind the archive's newest file.
+    later = NEXT_START + SEGMENT_SIZE + 40
+    assert not nothing_unarchived(NEWEST, WalPosition(1, later, later), lambda n, k: b"")
+    behind = NEXT_START - 100
+    assert not nothing_unarchived(NEWEST, WalPosition(1, behind, behind), lambda n, k: b"")
+
+
+class _IdleSource(LogSource):
+    """A log source whose engine says it is idle up to ``idle_until`` (None: busy)."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        self.idle_until: datetime | None = None
+        self.asked = 0
+
+    def enable(self) -> None:
+        self.spool.mkdir(exist_ok=True)
+
+    def pending(self) -> list[Path]:
+        return sorted(self.spool.iterdir())
+
+    def uploaded(self, path: Path) -> None:
+        path.unlink()
+
+    def covered_until(self, extent: dict[str, Any]) -> datetime | None:
+        self.asked += 1
+        return self.idle_until
+
+    def extent_of(self, name: str, written: datetime) -> dict[str, Any] | None:
+        return {"segment": name, "lsn": None, "time": written.isoformat()}
+
+
+def test_the_idle_extent_moves_forward_at_most_every_idle_check(tmp_path: Path) -> None:
+    source = _IdleSource(tmp_path / "spool")
+    source.enable()
+    (tmp_path / "instance").mkdir()
+    reports: list[dict[str, Any]] = []
+    archiver = Archiver(
+        InstanceLayout(tmp_path / "instance"), source, reports.append, _no_storage, idle_every=60
+    )
+    archived = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    first = {"segment": NEWEST, "lsn": "0/7000000", "time": archived.isoformat()}
+    archiver._extent = dict(first)
+
+    # Busy: the extent stays.
+    archiver._ask_idle(300)
+    assert source.asked == 1 and archiver.extent() == first and reports == []
+    # Idle, but asked again only after idle_every seconds, or the archive timeout if shorter.
+    source.idle_until = archived + timedelta(minutes=5)
+    archiver._ask_idle(300)
+    archiver._idle_asked -= 20
+    archiver._ask_idle(30)
+    assert source.asked == 1 and archiver.extent() == first
+    archiver._ask_idle(20)
+    assert source.asked == 2
+    moved = archiver.extent()
+    assert moved is not None and moved["segment"] == NEWEST
+    assert datetime.fromisoformat(moved["time"]) == source.idle_until - EXTENT_MARGIN
+    assert reports == [moved]
+    # Never backwards.
+    source.idle_until = archived + timedelta(minutes=1)
+    archiver._idle_asked -= 60
+    archiver._ask_idle(300)
+    assert source.asked == 3 and archiver.extent() == moved and len(reports) == 1
+    # Not asked while a file waits for upload.
+    (source.spool / "000000010000000000000007").write_bytes(b"wal")
+    source.idle_until = archived + timedelta(minutes=9)
+    archiver._idle_asked -= 60
+    archiver._ask_idle(300)
+    assert source.asked == 3 and archiver.extent() == moved
+    # A newer file archived between the question and the answer: the answer is about the
+    # older one, so it moves nothing.
+    (source.spool / "000000010000000000000007").unlink()
+    archiver._idle_extent(archived + timedelta(minutes=9), 0, "000000010000000000000005")
+    assert archiver.extent() == moved and len(reports) == 1
+
+
+def _no_storage(spec: dict[str, Any]) -> Any:
+    raise AssertionError("nothing is uploaded in these tests")
+
+
+def test_a_time_in_the_idle_extent_is_covered_only_through_its_newest_file() -> None:
+    covered = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
+    reader: Any = None
+
+    def point(when: datetime, newest: str | None = NEWEST) -> PointInTime:
+        return PointInTime(reader, when, newest, covered if newest else None)
+
+    assert point(covered).idle_covers(NEWEST)
+    assert point(covered - timedelta(minutes=30)).idle_covers(NEWEST)
+    assert not point(covered + timedelta(seconds=1)).idle_covers(NEWEST)  # past the extent
+    assert not point(covered).idle_covers("000000010000000000000005")  # stopped short of it
+    assert not point(covered).idle_covers("")  # nothing fetched
+    assert not point(covered, newest=None).idle_covers(NEWEST)  # no extent sent

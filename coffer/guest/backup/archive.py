@@ -20,7 +20,11 @@ name, so a swapped, cut or altered object does not open.
 
 After uploads the archiver reports the archive's extent to the conductor: the newest archived
 segment, the WAL position where it ends and its time (the segment's last write, less a second of
-margin): every transaction committed before that time is in the archive.
+margin): every transaction committed before that time is in the archive. An idle server writes no
+new segment, so with nothing spooled the archiver asks the server, at most every ``IDLE_CHECK``
+seconds, where its WAL ends (``WalSpool.covered_until``): when nothing but standby snapshots lies
+past the newest archived segment, every commit before the moment it asked is archived, and the
+extent's time moves to that moment (less the margin).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -47,6 +52,7 @@ from coffer.guest.layout import InstanceLayout, chown_to
 if TYPE_CHECKING:
     # The sealed-stream pipeline and the storage drivers load only when archiving runs: the
     # datastore imports this module for its server settings.
+    from coffer.guest.backup.base import EngineAccess
     from coffer.storage.base import BackupStorage
 
 LOG = logging.getLogger(__name__)
@@ -63,6 +69,8 @@ MAX_BACKOFF = 300.0
 EXTENT_MARGIN = timedelta(seconds=1)
 #: PostgreSQL's default WAL segment size (Coffer's initdb keeps it).
 SEGMENT_SIZE = 16 * 1024 * 1024
+#: Seconds between two questions to an idle PostgreSQL server about its unarchived WAL.
+IDLE_CHECK = 30.0
 
 SEGMENT = re.compile(r"[0-9A-F]{24}")
 #: MariaDB's binary log files (``log-bin`` base name and a sequence number).
@@ -225,10 +233,27 @@ def pg_archive_script(layout: InstanceLayout) -> str:
 
 @dataclass(frozen=True)
 class PointInTime:
-    """What a point-in-time restore needs besides its backups: the source's archive and when."""
+    """What a point-in-time restore needs besides its backups: the source's archive and when.
+
+    ``newest`` and ``covered`` are the archive's extent the control plane checked the time
+    against (its newest file, and a time before which that file and the ones before it hold
+    every commit); None when the request did not carry them."""
 
     reader: ArchiveReader
     target_time: datetime
+    newest: str | None = None
+    covered: datetime | None = None
+
+    def idle_covers(self, fetched: str) -> bool:
+        """True if the target time lies after the last write of every file fetched, through
+        ``fetched``, and the extent says nothing was committed between (the source was idle):
+        replaying all of them is then exactly the state at the target time."""
+        return (
+            bool(fetched)
+            and fetched == self.newest
+            and self.covered is not None
+            and self.target_time <= self.covered
+        )
 
 
 def binlog_dir(layout: InstanceLayout) -> Path:
@@ -318,6 +343,86 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
+# --- has an idle PostgreSQL server written anything unarchived? ------------------------------
+
+#: WAL pages are 8 KiB; a segment's first page opens with a 40-byte header; records are 8-byte
+#: aligned, each with a 24-byte header (length, transaction id, previous record, info, rmgr).
+WAL_PAGE = 8192
+LONG_PAGE_HEADER = 40
+_PAGE_HEADER = struct.Struct("<HHIQ")
+_RECORD_HEADER = struct.Struct("<IIQBB")
+_XLP_FIRST_IS_CONTRECORD = 0x0001
+_XLP_LONG_HEADER = 0x0002
+#: The standby snapshot (``RUNNING_XACTS``, resource manager 8): logged by the background writer
+#: after activity, it changes no data, and ``archive_timeout`` does not close a file holding only
+#: such records, so on an idle server one often stays past the archived WAL for good.
+_RM_STANDBY = 8
+_RUNNING_XACTS = 0x10
+
+
+@dataclass(frozen=True)
+class WalPosition:
+    """Where the server's WAL stands: its timeline, the insert position (the end of the last
+    record reserved) and the write position (bytes handed to the file system)."""
+
+    timeline: int
+    insert: int
+    written: int
+
+
+def nothing_unarchived(newest: str, at: WalPosition, read: Callable[[str, int], bytes]) -> bool:
+    """True if no WAL record that could hold a commit lies past archived segment ``newest``
+    (every segment before it being archived too): the server's insert position is at the start
+    of the next segment (a WAL switch leaves it just past that segment's page header), or only
+    standby snapshots lie between that start and the position, within the segment's first page
+    and already written; ``read(name, length)`` gives the first bytes of WAL file ``name``.
+    Anything else, including another timeline, is taken as unarchived work."""
+    if not SEGMENT.fullmatch(newest) or int(newest[:8], 16) != at.timeline:
+        return False
+    start = (segment_number(newest) + 1) * SEGMENT_SIZE
+    if at.insert < start:
+        return False  # the server is behind its own archive: not a state to reason about
+    if at.insert <= start + LONG_PAGE_HEADER:
+        return True
+    if at.insert - start > WAL_PAGE or at.written < at.insert:
+        return False
+    name = segment_name(at.timeline, segment_number(newest) + 1)
+    return only_standby_snapshots(read(name, at.insert - start), start, at.timeline)
+
+
+def only_standby_snapshots(head: bytes, start: int, timeline: int) -> bool:
+    """True if ``head``, the first bytes of the WAL segment at position ``start`` through the
+    insert position, holds whole standby snapshot records only, each linked to the one before."""
+    if len(head) < LONG_PAGE_HEADER or len(head) > WAL_PAGE:
+        return False
+    _, info, page_timeline, page_address = _PAGE_HEADER.unpack_from(head)
+    if (
+        page_address != start
+        or page_timeline != timeline
+        or not info & _XLP_LONG_HEADER
+        or info & _XLP_FIRST_IS_CONTRECORD
+    ):
+        return False
+    pos, previous = LONG_PAGE_HEADER, None
+    while pos < len(head):
+        if len(head) - pos < _RECORD_HEADER.size:
+            return False
+        length, xid, prev, rec_info, rmgr = _RECORD_HEADER.unpack_from(head, pos)
+        linked = prev < start if previous is None else prev == previous
+        if (
+            length < _RECORD_HEADER.size
+            or pos + length > len(head)
+            or not linked
+            or xid != 0
+            or rmgr != _RM_STANDBY
+            or rec_info & 0xF0 != _RUNNING_XACTS
+        ):
+            return False
+        previous = start + pos
+        pos += (length + 7) & ~7
+    return pos == len(head)
+
+
 # --- the archiver thread ---------------------------------------------------------------------
 
 
@@ -352,6 +457,13 @@ class LogSource(ABC):
         tell the current file holds none (an idle engine), else None."""
         return None
 
+    def covered_until(self, extent: dict[str, Any]) -> datetime | None:
+        """Asked, at most every ``Archiver.idle_every`` seconds, when nothing waits for upload:
+        a time before which every commit is in the archive that ends with ``extent``'s file,
+        when the engine can tell nothing was committed after that file (an idle engine); else
+        None. May ask the engine (SQL); errors are the archiver's to log."""
+        return None
+
     @abstractmethod
     def extent_of(self, name: str, written: datetime) -> dict[str, Any] | None:
         """The extent once ``name`` (last written at ``written``) is archived; None if that
@@ -367,9 +479,12 @@ class WalSpool(LogSource):
 
     kind: ClassVar[str] = "WAL file"
 
-    def __init__(self, layout: InstanceLayout, owner: str | None) -> None:
+    def __init__(
+        self, layout: InstanceLayout, owner: str | None, access: EngineAccess | None = None
+    ) -> None:
         self.spool = spool_dir(layout)
         self._owner = owner
+        self._access = access
 
     def enable(self) -> None:
         if not self.spool.is_dir():
@@ -402,6 +517,49 @@ class WalSpool(LogSource):
             "time": (written - EXTENT_MARGIN).isoformat(),
         }
 
+    def covered_until(self, extent: dict[str, Any]) -> datetime | None:
+        newest = str(extent.get("segment", ""))
+        if self._access is None or not SEGMENT.fullmatch(newest):
+            return None
+        # Read before the server is asked: a commit stamped before this is in the WAL it reports
+        # (its record follows its timestamp within the margin the extent leaves).
+        asked = datetime.now(UTC)
+        import psycopg
+
+        access = self._access
+        try:
+            with psycopg.connect(
+                host=str(access.socket.parent),
+                port=access.port,
+                user="os_admin",
+                password=access.password(),
+                dbname="postgres",
+                autocommit=True,
+                connect_timeout=10,
+                application_name="coffer-archiver",
+                sslmode="disable",
+            ) as conn:
+                row = conn.execute(
+                    "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text,"
+                    " pg_walfile_name(pg_current_wal_insert_lsn())"
+                ).fetchone()
+                if row is None:
+                    return None
+                at = WalPosition(int(str(row[2])[:8], 16), parse_lsn(row[0]), parse_lsn(row[1]))
+
+                def read(name: str, length: int) -> bytes:
+                    found = conn.execute(
+                        "SELECT pg_read_binary_file(%s, 0, %s)", (f"pg_wal/{name}", length)
+                    ).fetchone()
+                    return bytes(found[0]) if found is not None else b""
+
+                idle = nothing_unarchived(newest, at, read)
+        except psycopg.Error as exc:
+            # A server stopped, restarting or in recovery: the extent waits for the next look.
+            LOG.debug("could not ask the server where its WAL ends (%s)", type(exc).__name__)
+            return None
+        return asked if idle else None
+
     @staticmethod
     def order(name: str) -> tuple[Any, ...]:
         return (name[8:], name[:8])
@@ -417,6 +575,7 @@ class Archiver:
         report: Report,
         open_storage: Storage,
         interval: float = DEFAULT_INTERVAL,
+        idle_every: float = IDLE_CHECK,
     ) -> None:
         self.layout = layout
         self.source = source
@@ -424,6 +583,10 @@ class Archiver:
         self._report = report
         self._open_storage = open_storage
         self.interval = interval
+        #: Seconds between two ``covered_until`` questions (and so two idle extent reports),
+        #: at most the archive timeout.
+        self.idle_every = idle_every
+        self._idle_asked = float("-inf")
         self._lock = threading.Lock()
         self._upload_lock = threading.Lock()
         self._wake = threading.Event()
@@ -563,23 +726,40 @@ class Archiver:
                     state["extent"] = extent
                     self._save(state)
 
-    def _idle_extent(self, until: datetime, every: int) -> None:
-        """Nothing was committed since the newest archived file: the window reaches ``until``
-        (reported at most every ``every`` seconds)."""
+    def _idle_extent(self, until: datetime, every: float, newest: str | None = None) -> None:
+        """Nothing was committed since the newest archived file (``newest``, when the caller
+        checked against a given one): the window reaches ``until`` (reported at most every
+        ``every`` seconds, and only forward)."""
         if self.pending():
             return
         with self._lock:
             known = self._extent
-            if known is None:
+            if known is None or (newest is not None and known.get("segment") != newest):
                 return
             moved = until - EXTENT_MARGIN
-            if moved - datetime.fromisoformat(str(known["time"])) < timedelta(seconds=every):
+            gained = moved - datetime.fromisoformat(str(known["time"]))
+            if gained <= timedelta(0) or gained < timedelta(seconds=every):
                 return
             self._extent = {**known, "time": moved.isoformat()}
             state = self._load()
             state["extent"] = self._extent
             self._save(state)
         self._send_extent()
+
+    def _ask_idle(self, timeout: float) -> None:
+        """With nothing spooled, ask the source (at most every ``idle_every`` seconds, or every
+        archive ``timeout`` when that is shorter) whether the archive holds every commit up to
+        now, and move the extent if it does."""
+        now = time.monotonic()
+        if now - self._idle_asked < min(self.idle_every, timeout) or self.pending():
+            return
+        known = self.extent()
+        if known is None:
+            return
+        self._idle_asked = now
+        until = self.source.covered_until(known)
+        if until is not None:
+            self._idle_extent(until, 0, str(known.get("segment", "")))
 
     def _send_extent(self) -> None:
         extent = self.extent()
@@ -621,6 +801,8 @@ class Archiver:
                 self.upload_pending()
                 if idle is not None and target is not None:
                     self._idle_extent(idle, target.timeout)
+                elif target is not None:
+                    self._ask_idle(target.timeout)
                 backoff = 0.0
             except Exception as exc:
                 backoff = min(MAX_BACKOFF, max(self.interval, backoff * 2))

@@ -258,7 +258,7 @@ class MariaDBBackup(EngineBackup):
             if closed is not None and closed - EXTENT_MARGIN >= pitr.target_time:
                 reached = True
                 break
-        if not reached:
+        if not reached and not pitr.idle_covers(files[-1] if files else ""):
             raise EngineError(
                 "The binary log archive does not reach the requested time "
                 f"{pitr.target_time.isoformat()}; choose an earlier one."

@@ -181,7 +181,7 @@ class PostgreSQLBackup(EngineBackup):
         return BackupSource(chunks(), position)
 
     def archive_source(self) -> LogSource:
-        return WalSpool(self.layout, self.access.owner)
+        return WalSpool(self.layout, self.access.owner, self.access)
 
     # -- incremental ---------------------------------------------------------------------------
 
@@ -333,7 +333,8 @@ class PostgreSQLBackup(EngineBackup):
 
     def _fetch_archive(self, pitr: PointInTime, start: str, wal_dir: Path) -> None:
         """Fetch (verified) the archived WAL from ``start`` to the first file written at or
-        after the target time, and every timeline history file."""
+        after the target time (through the newest one for a time the source spent idle, see
+        ``PointInTime.idle_covers``), and every timeline history file."""
         if not SEGMENT.fullmatch(start):
             raise EngineError("The backup does not say where its WAL starts.")
         timeline, first = start[:8], segment_number(start)
@@ -355,7 +356,8 @@ class PostgreSQLBackup(EngineBackup):
             written = pitr.reader.segment_time(name)
             if written is not None and written >= pitr.target_time:
                 reached = True
-        if not reached:
+        last = segment_name(int(timeline, 16), expected - 1) if expected > first else ""
+        if not reached and not pitr.idle_covers(last):
             raise EngineError(
                 "The WAL archive does not reach the requested time "
                 f"{pitr.target_time.isoformat()}; choose an earlier one."
