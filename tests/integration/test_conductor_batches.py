@@ -13,12 +13,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bus_fixtures import embedded_broker, publish_raw, rabbit_url, wait_for  # noqa: F401
+from conductor_fixtures import Guest, make_guests
 from sqlalchemy.exc import IntegrityError
 
 from coffer.bus import keys
@@ -33,8 +34,6 @@ from coffer.controlplane import CONDUCTOR_TOPIC, ControlPlane
 from coffer.db.models import (
     Base,
     ConductorLastSeen,
-    Datastore,
-    DatastoreVersion,
     Instance,
     ServiceStatusRow,
 )
@@ -77,39 +76,8 @@ def topic(cp: ControlPlane) -> Iterator[str]:
         delete_queue(cp.bus_url, name)
 
 
-@dataclass(frozen=True)
-class Guest:
-    instance_id: str
-    key: bytes
-
-
 def _guests(cp: ControlPlane, count: int) -> list[Guest]:
-    guests = []
-    with transaction(cp.session_factory) as session:
-        ds = Datastore(name=f"mariadb-{uuid.uuid4().hex[:6]}")
-        session.add(ds)
-        session.flush()
-        version = DatastoreVersion(
-            datastore_id=ds.id, name="10.11", version="10.11", manager="mariadb"
-        )
-        session.add(version)
-        session.flush()
-        for n in range(count):
-            inst = Instance(
-                tenant_id="p",
-                name=f"i{n}",
-                flavor_id="1",
-                volume_size=1,
-                datastore_version_id=version.id,
-                encrypted_key="",
-            )
-            session.add(inst)
-            session.flush()
-            key, wrapped = cp.new_instance_key(inst.id)
-            inst.encrypted_key = wrapped
-            session.add(ServiceStatusRow(instance_id=inst.id))
-            guests.append(Guest(inst.id, key))
-    return guests
+    return make_guests(cp, count)
 
 
 def _heartbeat(

@@ -20,13 +20,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import redis
 from bus_fixtures import embedded_broker, publish_raw, wait_for  # noqa: F401
+from conductor_fixtures import Guest, make_guests
 
 from coffer.bus.bulk import RedisBulkReader, redis_client, taken_keys
 from coffer.bus.envelope import Envelope, seal
@@ -40,13 +40,9 @@ from coffer.controlplane import CONDUCTOR_TOPIC, ControlPlane
 from coffer.db.models import (
     Base,
     ConductorLastSeen,
-    Datastore,
-    DatastoreVersion,
-    Instance,
     ServiceStatusRow,
 )
 from coffer.db.models_archive import InstanceArchive
-from coffer.db.session import transaction
 from coffer.status import ServiceStatus
 
 pytestmark = pytest.mark.integration
@@ -89,48 +85,8 @@ def client(cp: ControlPlane) -> Iterator[redis.Redis]:
         plain.close()
 
 
-@dataclass(frozen=True)
-class Guest:
-    instance_id: str
-    key: bytes
-
-
 def _guests(cp: ControlPlane, count: int, *, archive: bool = False) -> list[Guest]:
-    guests = []
-    with transaction(cp.session_factory) as session:
-        ds = Datastore(name=f"postgresql-{uuid.uuid4().hex[:6]}")
-        session.add(ds)
-        session.flush()
-        version = DatastoreVersion(
-            datastore_id=ds.id, name="15", version="15", manager="postgresql"
-        )
-        session.add(version)
-        session.flush()
-        for n in range(count):
-            inst = Instance(
-                tenant_id="p",
-                name=f"i{n}",
-                flavor_id="1",
-                volume_size=1,
-                datastore_version_id=version.id,
-                encrypted_key="",
-            )
-            session.add(inst)
-            session.flush()
-            key, wrapped = cp.new_instance_key(inst.id)
-            inst.encrypted_key = wrapped
-            session.add(ServiceStatusRow(instance_id=inst.id))
-            if archive:
-                session.add(
-                    InstanceArchive(
-                        instance_id=inst.id,
-                        tenant_id="p",
-                        storage_driver="file",
-                        prefix=f"p/archive/{inst.id}",
-                    )
-                )
-            guests.append(Guest(inst.id, key))
-    return guests
+    return make_guests(cp, count, manager="postgresql", version="15", archive=archive)
 
 
 def _report(guest: Guest, topic: str, method: str, seq: int, **kwargs: object) -> bytes:
