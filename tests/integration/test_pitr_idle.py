@@ -104,6 +104,10 @@ def test_an_idle_window_reaches_the_present(engine_user: str, storage_dir: Path)
         # and it was reported.
         assert _time(idle) > datetime.now(UTC) - timedelta(seconds=IDLE_EVERY + 5)
         assert _time(idle) > _time(archived) + timedelta(seconds=1)
+        # The archiver sets its extent, then reports it: give the report a moment to arrive.
+        reported_by = time.monotonic() + 5
+        while idle not in source.extents and time.monotonic() < reported_by:
+            time.sleep(0.05)
         assert idle in source.extents
         assert any(
             a["segment"] == b["segment"] and _time(a) < _time(b)
