@@ -16,7 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.bus import keys
@@ -27,7 +27,7 @@ from coffer.compute.zygote import remember_redis_version
 from coffer.config import Settings
 from coffer.db import migrate
 from coffer.db.models import Instance
-from coffer.db.session import WRITE_OPTION, make_engine, make_session_factory
+from coffer.db.session import WriteGate, make_engine, make_session_factory
 from coffer.errors import NotFound
 
 LOG = logging.getLogger(__name__)
@@ -42,78 +42,13 @@ def prepare_state_dir(path: Path) -> None:
         path.chmod(0o711)
 
 
-#: How long a writer waits for the process's SQLite write turn before it goes on to SQLite's
-#: own lock anyway (which then waits up to its busy timeout, as without the gate).
-WRITE_GATE_TIMEOUT = 10.0
-_GATE_HELD = "coffer_write_gate"
-
-
-class WriteGate:
-    """Write transactions of one process on a SQLite control DB, one at a time, in arrival
-    order.
-
-    SQLite lets one writer in at a time; the others retry ``BEGIN IMMEDIATE`` from its busy
-    handler, which sleeps 1, 2, 5, 10 ... up to 100 ms between tries whether or not the lock
-    was freed meanwhile. With ten creates, their polls and the API's writes in one process,
-    a write waited up to most of a second for a lock held a few milliseconds at a time. Here
-    the process's writers queue on a condition instead and each is woken as the one before it
-    commits; SQLite's lock (and its busy timeout) still orders this process against others.
-    A thread that already holds the gate (a write inside a write) and a writer that waited
-    ``WRITE_GATE_TIMEOUT`` go straight on to SQLite's lock, exactly as without the gate.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._owner: int | None = None
-
-    def acquire(self, timeout: float = WRITE_GATE_TIMEOUT) -> bool:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                return False
-            if not self._cond.wait_for(lambda: self._owner is None, timeout):
-                return False
-            self._owner = me
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            self._owner = None
-            self._cond.notify()
-
-    def install(self, engine: Engine) -> None:
-        """Gate ``engine``'s write transactions (those ``coffer.db.session.transaction``
-        opens): taken before their ``BEGIN IMMEDIATE``, given back when the connection goes
-        back to the pool, which a session does as its transaction ends: after the ``COMMIT``
-        (or rollback) has finished. (SQLAlchemy's ``commit`` event comes before the driver's
-        commit, which may take long while SQLite checkpoints its log; the next writer would
-        meet SQLite's lock and its sleeps again.)"""
-
-        def begin(conn: Any) -> None:
-            if conn.get_execution_options().get(WRITE_OPTION) and self.acquire():
-                conn.info[_GATE_HELD] = True
-
-        def checkin(_dbapi_conn: Any, record: Any) -> None:
-            if record is not None and record.info.pop(_GATE_HELD, False):
-                self.release()
-
-        # Before the listener of make_engine that sends BEGIN IMMEDIATE.
-        event.listen(engine, "begin", begin, insert=True)
-        event.listen(engine.pool, "checkin", checkin)
-        # A connection the pool lets go of without a checkin (dropped after an error, or
-        # collected unreturned) gives its turn back too.
-        event.listen(engine.pool, "detach", checkin)
-
-
 class ControlPlane:
     """Shared resources of one control-plane process. Thread-safe."""
 
     def __init__(self, settings: Settings, *, migrate_db: bool = True) -> None:
         self.settings = settings
         prepare_state_dir(settings.state_dir)
-        self.engine: Engine = make_engine(settings.database_url)
-        if self.engine.dialect.name == "sqlite":
-            WriteGate().install(self.engine)
+        self.engine: Engine = make_engine(settings.database_url, write_gate=WriteGate())
         if migrate_db:
             migrate.upgrade(self.engine)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)

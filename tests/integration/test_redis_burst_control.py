@@ -6,6 +6,7 @@ per create."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -13,14 +14,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from coffer.compute.local import LocalCompute
 from coffer.config import load_settings
-from coffer.controlplane import WriteGate
 from coffer.db import migrate
 from coffer.db.models import Operation
-from coffer.db.session import make_engine, make_session_factory, transaction
+from coffer.db.session import WriteGate, make_engine, make_session_factory, transaction
 from coffer.guest.datastores.template import MARKER, SPARES, SPARES_DIR
 from coffer.taskmanager.operations import (
     DONE,
@@ -218,8 +219,7 @@ def test_steps_with_nothing_to_do_are_passed_over(factory: sessionmaker[Session]
 
 
 def test_write_gate_queues_writers_and_lets_nested_writes_through(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'gate.db'}")
-    WriteGate().install(engine)
+    engine = make_engine(f"sqlite:///{tmp_path / 'gate.db'}", write_gate=WriteGate())
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE t (who TEXT, at REAL)"))
     factory = make_session_factory(engine)
@@ -255,6 +255,49 @@ def test_write_gate_queues_writers_and_lets_nested_writes_through(tmp_path: Path
     with factory() as session:
         assert session.execute(text("SELECT count(*) FROM t WHERE who = 'x'")).scalar() == 0
     engine.dispose()
+
+
+def _hammer(engine: Any, writers: int, rounds: int) -> list[str]:
+    """``writers`` threads each making ``rounds`` short write transactions on ``engine``, whose
+    connections give up at once on SQLite's lock (busy timeout 0); returns their errors."""
+    event.listen(engine, "connect", lambda conn, _record: conn.execute("PRAGMA busy_timeout=0"))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS h (n INTEGER)"))
+    factory = make_session_factory(engine)
+    errors: list[str] = []
+    start = threading.Barrier(writers)
+
+    def writer() -> None:
+        start.wait()
+        for _ in range(rounds):
+            try:
+                with transaction(factory) as session:
+                    session.execute(text("INSERT INTO h VALUES (1)"))
+                    time.sleep(0.001)
+            except OperationalError as exc:
+                errors.append(str(exc.orig))
+            except sqlite3.OperationalError as exc:  # from the BEGIN the listener sends
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    engine.dispose()
+    return errors
+
+
+def test_the_write_gate_keeps_writers_off_sqlites_lock(tmp_path: Path) -> None:
+    """With the gate, a writer's BEGIN IMMEDIATE never finds SQLite's lock taken by a writer
+    of the same process (so never sleeps in SQLite's busy handler): with a busy timeout of 0,
+    not one of 8 x 25 concurrent writes fails. Without the gate the same load does fail,
+    so the check can tell the two apart."""
+    gated = make_engine(f"sqlite:///{tmp_path / 'gated.db'}", write_gate=WriteGate())
+    assert _hammer(gated, writers=8, rounds=25) == []
+    bare = make_engine(f"sqlite:///{tmp_path / 'bare.db'}")
+    errors = _hammer(bare, writers=8, rounds=25)
+    assert errors and all("locked" in error for error in errors), errors[:3]
 
 
 def test_write_gate_is_reentrant_for_its_thread() -> None:
