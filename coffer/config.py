@@ -174,6 +174,23 @@ class ComputeSection(_Section):
     guest_restart_backoff_max: float = Field(
         10.0, gt=0, description="Longest pause before a dead guest agent is restarted."
     )
+    redis_warm_pool: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Redis instances kept built and running, with no users, for creates to "
+        "take over (docs/architecture.md, 'The warm pool'). A create with warm_pool_flavor, "
+        "warm_pool_volume_size, default access and no configuration group or backup is then "
+        "ready as soon as its users exist. 0 turns the pool off.",
+    )
+    warm_pool_flavor: str = Field(
+        "6",
+        min_length=1,
+        description="Flavor id the warm instances are built with (the default 6 is d1.micro).",
+    )
+    warm_pool_volume_size: int = Field(
+        1, ge=1, description="Volume size in GB the warm instances are built with."
+    )
 
 
 class IdentitySection(_Section):

@@ -161,33 +161,55 @@ class GuestAgent:
         users: list[dict[str, Any]],
         overrides: dict[str, Any] | None = None,
         restart_required: list[str] | None = None,
+        warm: bool = False,
     ) -> str:
         """Initialise, configure and start the engine, then create databases and users, and
         apply ``overrides`` (the values of the configuration group the instance is created
         with) before it is reported ready (``_initial_overrides``).
 
         Idempotent: a repeated prepare (the taskmanager retrying after a crash) only makes sure
-        the engine runs.
+        the engine runs. ``warm``: the instance is built for the warm pool
+        (``taskmanager.warm_pool``), started with no users; the prepare of the create that takes
+        it over adds them then, with the engine running (for datastores whose prepare can run
+        again: Redis).
         """
         if self._backup_worker is not None:  # none yet: no restore can be running
             self._backup_worker.ensure_not_restoring()
+        warm_marker = self._state_dir / "warm"
         with self._action_lock:
             if not self.prepared:
-                LOG.info("preparing %s engine", self.manager)
-                try:
-                    self.datastore.prepare(databases, users)
-                    if overrides:
-                        self._initial_overrides(overrides, restart_required or [])
-                except Exception as exc:
-                    self._report(ServiceStatus.FAILED, message=str(exc))
-                    raise
+                LOG.info(
+                    "preparing %s engine%s", self.manager, " as a warm instance" if warm else ""
+                )
+                self._prepare_engine(databases, users, overrides, restart_required)
+                if warm:
+                    warm_marker.touch()
                 (self._state_dir / "prepared").touch()
                 self._set_desired("running")
+            elif not warm and warm_marker.exists():
+                LOG.info("a warm instance taken over: adding its databases and users")
+                self._prepare_engine(databases, users, overrides, restart_required)
+                warm_marker.unlink()
             elif not self.datastore.is_running():
                 self.datastore.start()
             status = self.datastore.status()
         self._report(status)
         return status.value
+
+    def _prepare_engine(
+        self,
+        databases: list[dict[str, Any]],
+        users: list[dict[str, Any]],
+        overrides: dict[str, Any] | None,
+        restart_required: list[str] | None,
+    ) -> None:
+        try:
+            self.datastore.prepare(databases, users)
+            if overrides:
+                self._initial_overrides(overrides, restart_required or [])
+        except Exception as exc:
+            self._report(ServiceStatus.FAILED, message=str(exc))
+            raise
 
     def _initial_overrides(self, values: dict[str, Any], restart_required: list[str]) -> None:
         """Apply a new instance's configuration group; if some values take effect only at a

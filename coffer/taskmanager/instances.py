@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -32,12 +33,17 @@ from coffer.taskmanager.operations import (
     StepResult,
     Wait,
 )
+from coffer.taskmanager.warm_pool import WARM_KEY
 
 LOG = logging.getLogger(__name__)
 
 CREATE = "create_instance"
 DELETE = "delete_instance"
 PREPARE_CALL_TIMEOUT = 180.0
+#: A create's payload: it took a warm instance over (``warm_pool.claim``); prepare found it ready.
+CLAIMED_KEY = "claimed"
+READY_KEY = "ready"
+_READY_VALUES = (ServiceStatus.RUNNING.value, ServiceStatus.HEALTHY.value)
 
 
 def seal_secret(cp: ControlPlane, value: Any, purpose: str) -> str:
@@ -76,6 +82,21 @@ class _RestoreWhenAsked:
         return not ctx.payload.get("restore")
 
 
+class _WaitReady:
+    """The create's ``wait_ready`` step, passed over when ``prepare`` found the instance
+    ready already (a warm instance taken over)."""
+
+    def __init__(self, step: Callable[[Context], StepResult]) -> None:
+        self.step = step
+
+    def __call__(self, ctx: Context) -> StepResult:
+        return self.step(ctx)
+
+    @staticmethod
+    def skip(ctx: Context) -> bool:
+        return bool(ctx.payload.get(READY_KEY))
+
+
 class InstanceFlows:
     """Builds the create/delete flows bound to one control plane and compute driver."""
 
@@ -99,7 +120,7 @@ class InstanceFlows:
                     # A no-op unless the create restores a backup (restorePoint).
                     ("restore", self._restore),
                     ("prepare", self.prepare),
-                    ("wait_ready", self.wait_ready),
+                    ("wait_ready", _WaitReady(self.wait_ready)),
                 ],
                 fail=self.create_failed,
             ),
@@ -185,12 +206,16 @@ class InstanceFlows:
         self._ensure_still_building(inst)
         sealed = ctx.payload.get("sealed_users")
         users = open_secret(self.cp, sealed, f"users:{inst.id}") if sealed else []
+        # A warm instance's own build starts its engine with no users; a create that took a
+        # warm instance over (``warm_pool.claim``) starts here, and the agent adds the users then.
+        warm = {"warm": True} if ctx.payload.get(WARM_KEY) else {}
         try:
-            self.cp.guest(inst.id).call(
+            status = self.cp.guest(inst.id).call(
                 "prepare",
                 timeout=PREPARE_CALL_TIMEOUT,
                 databases=ctx.payload.get("databases", []),
                 users=users,
+                **warm,
                 **self._initial_overrides(inst),
             )
         except RemoteError as exc:
@@ -201,6 +226,11 @@ class InstanceFlows:
             raise RuntimeError("the guest agent did not answer prepare in time") from exc
         # The users' passwords were only needed for this step.
         ctx.payload.pop("sealed_users", None)
+        if ctx.payload.get(CLAIMED_KEY) and status in _READY_VALUES:
+            # A warm instance taken over was running before its users were added: ready now, with
+            # this step's record (``wait_ready`` is passed over).
+            ctx.payload[READY_KEY] = True
+            ctx.record(self._mark_ready(inst.id))
         # A driver that keeps ready copies of data directories (the local driver's templates)
         # replaces the one this create may have taken, in the background.
         refill = getattr(self.compute, "refill_templates", None)
@@ -235,9 +265,11 @@ class InstanceFlows:
             raise OperationFailed(f"The database engine reported {observed.value}.")
         if observed not in (ServiceStatus.RUNNING, ServiceStatus.HEALTHY):
             return Wait(0.05)
-        instance_id = ctx.instance_id
-
         # With the operation's end, in one transaction; still in BUILD is checked in it.
+        ctx.record(self._mark_ready(ctx.instance_id))
+        return NEXT
+
+    def _mark_ready(self, instance_id: str) -> Callable[[Any], None]:
         def write(session: Any) -> None:
             row = self._building_row(session, instance_id)
             row.task = Task.NONE
@@ -245,8 +277,7 @@ class InstanceFlows:
             row.server_status = ServerStatus.ACTIVE
             LOG.info("instance %s is ready", instance_id)
 
-        ctx.record(write)
-        return NEXT
+        return write
 
     def create_failed(self, ctx: Context, failure: OperationFailed) -> None:
         if ctx.instance_id is None:

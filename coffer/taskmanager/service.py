@@ -28,6 +28,7 @@ from coffer.taskmanager.day2 import Day2Flows
 from coffer.taskmanager.instances import InstanceFlows
 from coffer.taskmanager.operations import LEASE_SECONDS, PENDING, RUNNING, Runner
 from coffer.taskmanager.schedules import Scheduler
+from coffer.taskmanager.warm_pool import WarmPool
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class TaskManager:
         self.cp = cp
         self.compute = compute
         self.day2 = Day2Flows(cp, compute)
+        self.warm_pool = WarmPool(cp)
         self.runner = Runner(
             cp.session_factory,
             {
@@ -140,6 +142,12 @@ class TaskManager:
                     self._wake.set()
             except Exception:
                 LOG.exception("could not check configuration groups; will try again")
+            try:
+                # Warm instances ([compute] redis_warm_pool) topped up while no tenant create waits.
+                if self.warm_pool.maintain_if_due():
+                    self._wake.set()
+            except Exception:
+                LOG.exception("could not look after the warm instances; will try again")
             try:
                 # Backup schedules: due slots run, finished runs get their retention applied.
                 self.schedules.tick_if_due()

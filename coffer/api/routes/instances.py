@@ -66,8 +66,8 @@ from coffer.errors import (
 )
 from coffer.guest.datastores.base import Capability
 from coffer.status import ServerStatus, ServiceStatus, Task
-from coffer.taskmanager import day2, day2_requests
-from coffer.taskmanager.instances import CREATE, DELETE, seal_secret
+from coffer.taskmanager import day2, day2_requests, warm_pool
+from coffer.taskmanager.instances import CLAIMED_KEY, CREATE, DELETE, seal_secret
 from coffer.taskmanager.operations import PENDING, RUNNING, enqueue
 
 LOG = logging.getLogger(__name__)
@@ -265,23 +265,43 @@ def create_instance(
         restore = None
         if spec.restorePoint is not None:
             restore = restore_plan(cp, session, ctx, spec.restorePoint, version, size)
-        inst = Instance(
-            tenant_id=ctx.project_id,
-            user_id=ctx.auth.user_id,
-            name=spec.name,
-            flavor_id=flavor.id,
-            volume_size=size,
-            datastore_version_id=version.id,
-            task=Task.BUILDING,
-            server_status=ServerStatus.BUILD,
-            access=spec.access.model_dump() if spec.access else {"is_public": False},
-            region_id=cp.settings.default.region_name,
-            encrypted_key="",
-            configuration_id=configuration_id,
-        )
-        session.add(inst)
-        session.flush()
-        # Checked and charged under the project's quota lock; a refusal rolls the row back.
+        access = spec.access.model_dump() if spec.access else {"is_public": False}
+        inst = None
+        if (
+            configuration_id is None
+            and restore is None
+            and warm_pool.fits(cp.settings, version.manager, flavor.id, size, access)
+        ):
+            inst = warm_pool.claim(
+                session,
+                version_id=version.id,
+                flavor_id=flavor.id,
+                size=size,
+                tenant_id=ctx.project_id,
+                user_id=ctx.auth.user_id,
+                name=spec.name,
+                region_id=cp.settings.default.region_name,
+            )
+        claimed = inst is not None
+        if inst is None:
+            inst = Instance(
+                tenant_id=ctx.project_id,
+                user_id=ctx.auth.user_id,
+                name=spec.name,
+                flavor_id=flavor.id,
+                volume_size=size,
+                datastore_version_id=version.id,
+                task=Task.BUILDING,
+                server_status=ServerStatus.BUILD,
+                access=access,
+                region_id=cp.settings.default.region_name,
+                encrypted_key="",
+                configuration_id=configuration_id,
+            )
+            session.add(inst)
+            session.flush()
+        # Checked and charged under the project's quota lock; a refusal rolls the row back
+        # (a warm instance taken over stays a warm instance).
         quotas.reserve(
             session,
             cp.settings,
@@ -289,9 +309,10 @@ def create_instance(
             inst.id,
             {"instances": 1, "ram": flavor.ram, "volumes": size},
         )
-        _key, wrapped = cp.new_instance_key(inst.id)
-        inst.encrypted_key = wrapped
-        session.add(ServiceStatusRow(instance_id=inst.id, status=ServiceStatus.NEW))
+        if not claimed:
+            _key, wrapped = cp.new_instance_key(inst.id)
+            inst.encrypted_key = wrapped
+            session.add(ServiceStatusRow(instance_id=inst.id, status=ServiceStatus.NEW))
         users = [u.model_dump(exclude_none=True) for u in spec.users]
         payload: dict[str, Any] = {
             "databases": [d.model_dump(exclude_none=True) for d in spec.databases],
@@ -300,6 +321,8 @@ def create_instance(
             payload["sealed_users"] = seal_secret(cp, users, f"users:{inst.id}")
         if restore is not None:
             payload["restore"] = restore.payload()
+        if claimed:
+            payload[CLAIMED_KEY] = True
         op = enqueue(
             session,
             CREATE,
@@ -307,6 +330,9 @@ def create_instance(
             payload,
             deadline=utcnow() + timedelta(seconds=cp.settings.default.usage_timeout),
         )
+        if claimed:
+            # The warm instance's server runs: its agent needs only the databases and users.
+            op.step = "prepare"
         op_id = op.id
         view = render_instance(request, ctx, session, inst, detail=True)
         if configuration_id is not None and "configuration" not in view:
