@@ -147,8 +147,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="API load generator (auto: wrk when installed, else httpx)",
     )
+    parser.add_argument(
+        "--warm-pool",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Redis warm instances the measured coffer up keeps ([compute] redis_warm_pool; "
+        "default: as many as benchmark 2 creates at once, 10 in full mode, 2 in quick mode); "
+        "Redis creates are timed from a full pool. 0 measures Redis creates built from scratch",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log Coffer's own messages")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warm_pool is not None and not 0 <= args.warm_pool <= 64:
+        parser.error("--warm-pool must be between 0 and 64")
+    return args
 
 
 def host_facts(engines: list[Any]) -> dict[str, Any]:
@@ -239,7 +251,10 @@ def run(args: argparse.Namespace) -> int:
                 )
         elif coffer_benches:
             try:
-                with running_coffer(workspace) as coffer:
+                warm_pool = counts.concurrent_width if args.warm_pool is None else args.warm_pool
+                with running_coffer(
+                    workspace, COFFER_COMPUTE__REDIS_WARM_POOL=str(warm_pool)
+                ) as coffer:
                     coffer_ref.append(coffer)
                     LOG.info("coffer up is serving at %s", coffer.base_url)
                     api = CofferApi(coffer)

@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,8 @@ class CofferProcess:
 
     def __init__(self, workspace: Workspace, **extra_env: str) -> None:
         self.workspace = workspace
+        #: Redis warm instances it keeps (``[compute] redis_warm_pool``; see wait_warm_pool).
+        self.warm_pool = int(extra_env.get("COFFER_COMPUTE__REDIS_WARM_POOL", "0"))
         self.state_dir = workspace.subdir("c")
         self.home = self.state_dir / "home"
         self.home.mkdir()
@@ -305,6 +308,36 @@ class CofferProcess:
                 self.proc.wait()
         self.proc = None
         kill_all_under(self.state_dir)
+
+
+WARM_PROJECT = "coffer-warm-pool"
+
+
+def wait_warm_pool(coffer: CofferProcess, timeout: float = 180) -> None:
+    """Until ``coffer``'s Redis warm pool is full and idle (``[compute] redis_warm_pool``
+    warm instances ready), so that a timed Redis create finds one; no-op without a pool."""
+    if coffer.warm_pool <= 0:
+        return
+    query = (
+        "select count(*) from instances i join service_statuses s on s.instance_id = i.id "
+        "where i.tenant_id = ? and i.deleted = 0 and i.task = 'none' "
+        "and i.server_status = 'active' and s.status in ('running', 'healthy')"
+    )
+    deadline = time.monotonic() + timeout
+    ready = 0
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(coffer.db_path, timeout=30)
+        try:
+            (ready,) = conn.execute(query, (WARM_PROJECT,)).fetchone()
+        finally:
+            conn.close()
+        if ready >= coffer.warm_pool:
+            return
+        time.sleep(0.2)
+    raise BenchError(
+        f"the Redis warm pool had {ready} of {coffer.warm_pool} warm instances ready after "
+        f"{timeout:.0f} s; see coffer up's log"
+    )
 
 
 class CofferApi:
