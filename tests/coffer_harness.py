@@ -283,6 +283,27 @@ class TenantApi:
         raise AssertionError(f"instance {instance_id} still exists {timeout}s after delete")
 
 
+def quota_in_use(api: TenantApi, project: str, resource: str) -> int:
+    """A project's ``in_use`` of ``resource`` from ``GET /mgmt/quotas`` (``api``: an admin, or
+    the project's own member where the policy lets one read its quotas)."""
+    resp = api.request("GET", f"/mgmt/quotas/{project}")
+    assert resp.status_code == 200, resp.text
+    (row,) = [r for r in resp.json()["quotas"] if r["resource"] == resource]
+    in_use: int = row["in_use"]
+    return in_use
+
+
+def redis_ping(address: str, user: str, password: str) -> Any:
+    """Log in to a Redis instance as ``user`` and PING (raises redis' AuthenticationError)."""
+    import redis
+
+    client = redis.Redis(host=address, username=user, password=password, socket_timeout=5)
+    try:
+        return client.ping()
+    finally:
+        client.close()
+
+
 def mariadb_instance(name: str, database: str, user: str, password: str) -> dict[str, Any]:
     """The body of a small MariaDB instance with one database and one user granted on it."""
     return {

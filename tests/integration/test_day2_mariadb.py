@@ -17,7 +17,7 @@ from typing import Any
 
 import pymysql
 import pytest
-from coffer_harness import Coffer, TenantApi, mariadb_instance
+from coffer_harness import Coffer, TenantApi, mariadb_instance, quota_in_use
 
 pytestmark = pytest.mark.integration
 
@@ -250,14 +250,6 @@ def test_a_value_the_engine_refuses_fails_cleanly_and_says_why(maria: Maria) -> 
     assert maria.api.request("DELETE", f"/configurations/{group}").status_code == 202
 
 
-def _quota(api: TenantApi, resource: str) -> int:
-    resp = api.request("GET", f"/mgmt/quotas/{api.project}")
-    assert resp.status_code == 200, resp.text
-    (row,) = [r for r in resp.json()["quotas"] if r["resource"] == resource]
-    in_use: int = row["in_use"]
-    return in_use
-
-
 def test_resize_volume_then_flavor_keeps_every_row(maria: Maria) -> None:
     conn = maria.connect()
     with conn.cursor() as cur:
@@ -265,7 +257,10 @@ def test_resize_volume_then_flavor_keeps_every_row(maria: Maria) -> None:
         cur.executemany(
             "INSERT INTO kept VALUES (%s, %s)", [(i, f"row {i}") for i in range(1, 501)]
         )
-    volumes, ram = _quota(maria.api, "volumes"), _quota(maria.api, "ram")
+    volumes, ram = (
+        quota_in_use(maria.api, maria.api.project, "volumes"),
+        quota_in_use(maria.api, maria.api.project, "ram"),
+    )
     pid = maria.engine_pid()
 
     assert maria.act({"resize": {"volume": {"size": 2}}}).status_code == 202
@@ -274,7 +269,7 @@ def test_resize_volume_then_flavor_keeps_every_row(maria: Maria) -> None:
     admin = TenantApi(maria.coffer, "admin", "admin")
     mgmt = admin.request("GET", f"/mgmt/instances/{maria.id}").json()["instance"]
     assert mgmt["volume"]["total_bytes"] == 2 * GIB
-    assert _quota(maria.api, "volumes") == volumes + 1
+    assert quota_in_use(maria.api, maria.api.project, "volumes") == volumes + 1
     # Online: the same engine, and a session opened before the resize still works.
     assert maria.engine_pid() == pid
     with conn.cursor() as cur:
@@ -290,7 +285,7 @@ def test_resize_volume_then_flavor_keeps_every_row(maria: Maria) -> None:
     # 512 MB: half for the buffer pool, ram / 6 connections.
     assert maria.variable("innodb_buffer_pool_size") == 256 * 1024 * 1024
     assert maria.variable("max_connections") == 85
-    assert _quota(maria.api, "ram") == ram + 256
+    assert quota_in_use(maria.api, maria.api.project, "ram") == ram + 256
     with maria.connect() as again, again.cursor() as cur:
         cur.execute("SELECT COUNT(*), SUM(id) FROM kept")
         assert cur.fetchone() == (500, 500 * 501 // 2)
@@ -299,7 +294,7 @@ def test_resize_volume_then_flavor_keeps_every_row(maria: Maria) -> None:
     assert maria.act({"resize": {"flavorRef": "6"}}).status_code == 202
     assert maria.settled()["flavor"]["id"] == "6"
     assert maria.variable("innodb_buffer_pool_size") == 64 * 1024 * 1024
-    assert _quota(maria.api, "ram") == ram
+    assert quota_in_use(maria.api, maria.api.project, "ram") == ram
     events = [(e["action"], e["state"], e["details"]) for e in maria.events()[:3]]
     assert events == [
         ("resize_flavor", "succeeded", {"old_flavor": "1", "new_flavor": "6"}),
@@ -362,8 +357,8 @@ def _fingerprint(maria: Maria) -> tuple[Any, ...]:
         shown.get("configuration"),
         [a["address"] for a in shown["addresses"]],
         len(maria.events()),
-        _quota(maria.api, "ram"),
-        _quota(maria.api, "volumes"),
+        quota_in_use(maria.api, maria.api.project, "ram"),
+        quota_in_use(maria.api, maria.api.project, "volumes"),
     )
 
 
@@ -496,12 +491,7 @@ def _signal_pending(pid: int, signum: int) -> bool:
 
 
 def _backups_in_use(coffer: Coffer, project: str) -> int:
-    admin = TenantApi(coffer, "admin", "admin")
-    resp = admin.request("GET", f"/mgmt/quotas/{project}")
-    assert resp.status_code == 200, resp.text
-    (row,) = [q for q in resp.json()["quotas"] if q["resource"] == "backups"]
-    in_use: int = row["in_use"]
-    return in_use
+    return quota_in_use(TenantApi(coffer, "admin", "admin"), project, "backups")
 
 
 def test_delete_during_a_backup_is_taken_and_the_backup_fails(maria: Maria) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 import redis
-from coffer_harness import Coffer, TenantApi, processes_under
+from coffer_harness import Coffer, TenantApi, processes_under, redis_ping
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +26,6 @@ def _create(api: TenantApi, index: int) -> str:
     )
 
 
-def _login(address: str, user: str, password: str) -> Any:
-    client = redis.Redis(host=address, username=user, password=password, socket_timeout=5)
-    try:
-        return client.ping()
-    finally:
-        client.close()
-
-
 def test_ten_redis_creates_at_once(coffer_up: Coffer) -> None:
     api = TenantApi(coffer_up)
     with ThreadPoolExecutor(max_workers=WIDTH) as pool:
@@ -47,11 +38,11 @@ def test_ten_redis_creates_at_once(coffer_up: Coffer) -> None:
             assert view["operating_status"] in ("ACTIVE", "HEALTHY"), view
             address = view["addresses"][0]["address"]
             addresses.append(address)
-            assert _login(address, f"user{index}", f"burst-secret-{index}") is True
+            assert redis_ping(address, f"user{index}", f"burst-secret-{index}") is True
         assert len(set(addresses)) == WIDTH
         # One instance's user is not a user of another instance.
         with pytest.raises(redis.AuthenticationError):
-            _login(addresses[1], "user0", "burst-secret-0")
+            redis_ping(addresses[1], "user0", "burst-secret-0")
 
         with sqlite3.connect(coffer_up.state_dir / "coffer.db") as conn:
             rows = conn.execute(

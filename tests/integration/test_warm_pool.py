@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from coffer_harness import Coffer, TenantApi, coffer_environment
+from coffer_harness import Coffer, TenantApi, coffer_environment, quota_in_use, redis_ping
 
 pytestmark = pytest.mark.integration
 
@@ -64,22 +64,6 @@ def _redis_body(name: str, user: str, password: str, **extra: Any) -> dict[str, 
     }
 
 
-def _login(address: str, user: str, password: str) -> Any:
-    client = redis.Redis(host=address, username=user, password=password, socket_timeout=5)
-    try:
-        return client.ping()
-    finally:
-        client.close()
-
-
-def _in_use(admin: TenantApi, project: str, resource: str) -> int:
-    resp = admin.request("GET", f"/mgmt/quotas/{project}")
-    assert resp.status_code == 200, resp.text
-    (row,) = [r for r in resp.json()["quotas"] if r["resource"] == resource]
-    in_use: int = row["in_use"]
-    return in_use
-
-
 def test_the_warm_pool_serves_fitting_creates_and_survives_a_crash(engine_user: str) -> None:
     with coffer_environment(COFFER_COMPUTE__REDIS_WARM_POOL=str(POOL)) as coffer:
         coffer.start("up", "up")
@@ -100,12 +84,12 @@ def test_the_warm_pool_serves_fitting_creates_and_survives_a_crash(engine_user: 
         shown = api.wait_settled(taken)
         assert shown["status"] == "ACTIVE", shown
         address = shown["addresses"][0]["address"]
-        assert _login(address, "alice", "warm-secret-1") is True
+        assert redis_ping(address, "alice", "warm-secret-1") is True
         with pytest.raises(redis.AuthenticationError):
-            _login(address, "alice", "wrong-password")
+            redis_ping(address, "alice", "wrong-password")
         assert [i["id"] for i in api.request("GET", "/instances").json()["instances"]] == [taken]
-        assert _in_use(admin, api.project, "instances") == 1
-        assert _in_use(admin, api.project, "ram") == 256
+        assert quota_in_use(admin, api.project, "instances") == 1
+        assert quota_in_use(admin, api.project, "ram") == 256
         assert "warm-secret-1" not in coffer.log("up")
         with sqlite3.connect(coffer.state_dir / "coffer.db") as conn:
             (payload,) = conn.execute(
@@ -133,7 +117,7 @@ def test_the_warm_pool_serves_fitting_creates_and_survives_a_crash(engine_user: 
         again = TenantApi(coffer).create(**_redis_body("after-crash", "carol", "warm-secret-3"))
         assert again in refilled
         shown = api.wait_settled(again)
-        assert _login(shown["addresses"][0]["address"], "carol", "warm-secret-3") is True
+        assert redis_ping(shown["addresses"][0]["address"], "carol", "warm-secret-3") is True
 
         for instance_id in (taken, other, again):
             api.delete_and_wait_gone(instance_id)
