@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from bench.harness import REPO, BenchError, CofferApi, CofferProcess, Workspace, free_port
 from bench.report import BenchmarkResult, Check, Metric, Target, percentile
+from coffer.cli.up import KEEP_ALIVE_SECONDS
 
 LOG = logging.getLogger("bench")
 
@@ -130,6 +131,8 @@ def constant_server(workspace: Workspace) -> Iterator[str]:
                 "--no-access-log",
                 "--lifespan",
                 "off",
+                "--timeout-keep-alive",
+                str(KEEP_ALIVE_SECONDS),
             ],
             cwd=home,  # so the workspace's clean-up finds it even if we die
             env=env,

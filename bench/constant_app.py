@@ -1,9 +1,9 @@
 """The API benchmark's baseline: FastAPI answering a constant body of a requested size.
 
 Served by uvicorn with the settings ``coffer up`` gives its API (one process, warning log level,
-no access log, no lifespan), so the difference to Coffer's endpoints is Coffer's own work per
-request: authentication, the control-DB query and the rendering. The handler is a plain ``def``
-like Coffer's, so both run in the same thread pool.
+no access log, no lifespan, the same keep-alive timeout), so the difference to Coffer's
+endpoints is Coffer's own work per request: authentication, the control-DB query and the
+rendering. The handler is a plain ``def`` like Coffer's, so both run in the same thread pool.
 """
 
 from __future__ import annotations
